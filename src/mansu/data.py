@@ -1,0 +1,172 @@
+"""Forget and retain sets: validated (prompt, answer, choices) items, bundled fact sets, and batches.
+
+An item is a cloze question: the model should continue `prompt` with `answer` (joined by one space,
+as lm-evaluation-harness does); `choices`, when given, are the candidates for multiple-choice scoring.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from .errors import MansuError
+
+_BUNDLE = "mansu.datasets"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One cloze fact: `prompt` continued by `answer`; `choices` (containing `answer`) for MC scoring."""
+
+    prompt: str
+    answer: str
+    choices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "answer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise MansuError(f"item field {name!r} must be a non-empty string, got {value!r}")
+        if self.choices is not None:
+            if isinstance(self.choices, str) or not all(isinstance(c, str) and c.strip() for c in self.choices):
+                raise MansuError(f"item 'choices' must be a list of non-empty strings, got {self.choices!r}")
+            object.__setattr__(self, "choices", tuple(self.choices))
+            if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices):
+                raise MansuError(f"item 'choices' needs at least 2 distinct strings, got {list(self.choices)}")
+            if self.answer not in self.choices:
+                raise MansuError(f"answer {self.answer!r} is not among its choices {list(self.choices)}")
+
+    @property
+    def continuation(self) -> str:
+        return continuation(self.prompt, self.answer)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt": self.prompt, "answer": self.answer}
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        return out
+
+
+def continuation(prompt: str, answer: str) -> str:
+    """The text appended to `prompt`: the answer after one space (none if the prompt ends in one)."""
+    return answer if prompt.endswith((" ", "\n")) else " " + answer
+
+
+def _item_from(record: Any, where: str) -> Item:
+    if isinstance(record, Item):
+        return record
+    if not isinstance(record, dict):
+        raise MansuError(f"{where}: expected an object with 'prompt' and 'answer', got {type(record).__name__}")
+    missing = [k for k in ("prompt", "answer") if k not in record]
+    if missing:
+        raise MansuError(f"{where}: missing field(s) {missing}; an item needs 'prompt' and 'answer'")
+    try:
+        return Item(record["prompt"], record["answer"], record.get("choices"))
+    except MansuError as err:
+        raise MansuError(f"{where}: {err}") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Item]:
+    """Items from a JSON-lines file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MansuError(f"no such data file: {path}")
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MansuError(f"{path}:{number}: malformed JSON ({err.msg})") from None
+            items.append(_item_from(record, f"{path}:{number}"))
+    if not items:
+        raise MansuError(f"{path} holds no items")
+    return items
+
+
+def load_items(source: str | os.PathLike | Iterable[Any]) -> list[Item]:
+    """Items from a bundled set name, a JSONL path, a list of dicts/Items, or a `datasets.Dataset`."""
+    if isinstance(source, (str, os.PathLike)):
+        if str(source) in bundled_sets() and not Path(source).exists():
+            return load_bundled(str(source))
+        return read_jsonl(source)
+    items = [_item_from(record, f"item {i}") for i, record in enumerate(source)]
+    if not items:
+        raise MansuError("the item set is empty")
+    return items
+
+
+def bundled_sets() -> list[str]:
+    """Names of the fact sets shipped with mansu (each verified on the embedded model)."""
+    return sorted(p.name[: -len(".jsonl")] for p in resources.files(_BUNDLE).iterdir() if p.name.endswith(".jsonl"))
+
+
+def load_bundled(name: str) -> list[Item]:
+    """A bundled fact set by name, e.g. `load_bundled("capitals")`."""
+    if name not in bundled_sets():
+        raise MansuError(f"no bundled set {name!r}; choose one of {bundled_sets()}")
+    with resources.as_file(resources.files(_BUNDLE) / f"{name}.jsonl") as path:
+        return read_jsonl(path)
+
+
+def split(items: Sequence[Item], n_first: int, seed: int = 0) -> tuple[list[Item], list[Item]]:
+    """A seeded random split into `n_first` items and the rest (e.g. forget and retain)."""
+    if not 0 < n_first < len(items):
+        raise MansuError(f"cannot split {len(items)} items into {n_first} and the rest")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order[:n_first]], [items[i] for i in order[n_first:]]
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids; `target_mask[b, t]` marks positions whose next token is an answer token."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    target_mask: torch.Tensor  # [B, T-1] bool, aligned with logits[:, :-1]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
+    """Tokenise prompt and continuation separately (so the boundary is exact) and pad on the right."""
+    rows, starts = [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        answer_ids = tokenizer(continuation(prompt, answer), add_special_tokens=False)["input_ids"]
+        if not prompt_ids or not answer_ids:
+            raise MansuError(f"prompt {prompt!r} or answer {answer!r} tokenises to nothing")
+        rows.append(prompt_ids + answer_ids)
+        starts.append(len(prompt_ids))
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    target_mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    for b, (row, start) in enumerate(zip(rows, starts)):
+        input_ids[b, : len(row)] = torch.tensor(row)
+        attention_mask[b, : len(row)] = 1
+        target_mask[b, start - 1 : len(row) - 1] = True  # logits at t predict token t+1
+    return Batch(input_ids, attention_mask, target_mask)
+
+
+def batches(tokenizer, items: Sequence[Item], batch_size: int = 16) -> Iterator[Batch]:
+    """Batches of (prompt, answer) for losses, Fisher and attribution: only answer tokens count."""
+    if batch_size < 1:
+        raise MansuError(f"batch_size must be >= 1, got {batch_size}")
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        yield encode(tokenizer, [it.prompt for it in chunk], [it.answer for it in chunk])

