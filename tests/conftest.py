@@ -1,6 +1,11 @@
 """Shared fixtures: tiny random models of four architectures, and the real embedded model."""
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub; everything is made or shipped here
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 import pytest
 import torch
 

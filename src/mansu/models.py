@@ -55,16 +55,28 @@ def embedded_model_dir() -> Path:
     # save_pretrained and, once saved, blocks a later bitsandbytes 4-bit load. The weights are plain now.
     del model.config.quantization_config
     model.hf_quantizer = None
+    save_model(model, tokenizer, target)  # atomic: a half-written conversion is never seen as the cache
+    return target
+
+
+def save_model(model, tokenizer, directory: str | os.PathLike) -> Path:
+    """`save_pretrained` model and tokenizer into `directory`, replacing it only once complete."""
+    target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # a half-written conversion is never seen as the cache
-    except OSError:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process may have won the race
-            raise
+        raise
     return target
 
 
@@ -93,6 +105,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise MansuError(f"no model directory at {path!r} (nor is it a Hugging Face id or {EMBEDDED_MODEL!r})")
     kwargs = dict(trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

@@ -1,0 +1,134 @@
+"""The `mansu` command: a thin front end over the library (demo, run, eval, check)."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import MansuError
+
+METHODS = ("mansu", "ga", "graddiff", "npo")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import mansu
+    from mansu.quant import evaluate_formats
+
+    items = mansu.load_items(args.items)  # validate the cheap input before loading a model
+    formats = args.formats.split(",") if args.formats else []
+    model, tokenizer = mansu.load_model(args.model, dtype=args.dtype)
+    results = evaluate_formats(model, tokenizer, items, formats, batch_size=args.batch_size)
+    for name, r in results.items():
+        print(f"{args.model} [{name}] on {args.items}: accuracy {r.accuracy}, true-answer prob "
+              f"{r.true_prob:.3f}, answer NLL {r.answer_nll:.3f} ({r.n} items)")
+    if args.out:
+        out = results["full"].to_dict() | {"formats": {k: r.to_dict() for k, r in results.items() if k != "full"}}
+        mansu.files.write_json(args.out, out)
+        print(f"wrote {args.out}")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from mansu.models import resolve_model_path
+    from mansu.quant import check
+
+    certificate = check(resolve_model_path(args.before), resolve_model_path(args.after), args.format.split(","))
+    print(certificate.table())
+    if args.json:
+        certificate.save_json(args.json)
+        print(f"wrote {args.json}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    import mansu
+    from mansu.report import run
+
+    forget, retain = mansu.load_items(args.forget), mansu.load_items(args.retain)
+    if args.method == "mansu":
+        config = mansu.MansuConfig(seed=args.seed)
+    else:
+        config = mansu.BaselineConfig(method=args.method, seed=args.seed)
+    if args.out and Path(args.out).is_dir():
+        raise MansuError(f"--out {args.out} is a directory; give a file name for the JSON report")
+    model, tokenizer = mansu.load_model(args.model)
+    report = run(model, tokenizer, forget, retain, config, args.model, args.formats.split(","), save=args.save)
+    report.save_json(args.out)
+    print(report)
+    print(f"wrote {args.out}" + (f" and the model to {args.save}" if args.save else ""))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    import mansu
+    from mansu.report import RunReport, comparison_table, plot_update_ratios
+
+    out = Path(args.out_dir)
+    forget, retain = mansu.split(mansu.load_bundled("capitals"), 10, seed=0)
+    for name, items in (("forget", forget), ("retain", retain)):
+        mansu.files.write_text(out / f"{name}.jsonl", "".join(json.dumps(it.to_dict()) + "\n" for it in items))
+    print(f"demo: forget {len(forget)} capitals, retain {len(retain)}, on {mansu.EMBEDDED_MODEL}; "
+          f"each method runs in its own process so its peak memory is its own")
+    reports = []
+    for method in ("graddiff", "mansu"):
+        path = out / f"{method}.json"
+        cmd = [sys.executable, "-m", "mansu", "run", "--method", method, "--forget", str(out / "forget.jsonl"),
+               "--retain", str(out / "retain.jsonl"), "--out", str(path), "--formats", "nf4", "--seed", str(args.seed)]
+        print(f"\n== {method}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise MansuError(f"the {method} run failed (see its message above)")
+        reports.append(RunReport(**json.loads(path.read_text())))
+    table = comparison_table(reports)
+    plot = plot_update_ratios(reports, out / "update_ratios.png")
+    mansu.files.write_text(out / "table.txt", table + "\n")
+    print("\n" + table)
+    print(f"\nwrote {out}/graddiff.json, {out}/mansu.json, {out}/table.txt and {plot}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mansu", description="LLM unlearning that survives quantization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = "Hugging Face id, local directory, or 'smollm2-135m' (the embedded default)"
+
+    demo = sub.add_parser("demo", help="MANSU vs GradDiff on the embedded model: table and plot")
+    demo.add_argument("--out-dir", default="mansu-demo", help="where the reports, table and plot go")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+
+    run = sub.add_parser("run", help="unlearn with one method; evaluate before/after, full and quantized")
+    run.add_argument("--model", default="smollm2-135m", help=model_help)
+    run.add_argument("--forget", required=True, help="JSONL items to forget (or a bundled set name)")
+    run.add_argument("--retain", required=True, help="JSONL items to keep (or a bundled set name)")
+    run.add_argument("--method", choices=METHODS, default="mansu")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--formats", default="nf4", help="comma-separated: nf4,nf4-dq,fp4,int8,q4_0,q4_1,q8_0")
+    run.add_argument("--out", required=True, help="the JSON report (written atomically)")
+    run.add_argument("--save", help="also save the edited model here (a normal Hugging Face directory)")
+    run.set_defaults(func=_run)
+
+    ev = sub.add_parser("eval", help="cloze multiple-choice accuracy of a model on an item set")
+    ev.add_argument("--model", default="smollm2-135m", help=model_help)
+    ev.add_argument("--items", required=True, help="JSONL file of {prompt, answer, choices} or a bundled set name")
+    ev.add_argument("--formats", default="", help="also evaluate quantized copies, e.g. nf4,q4_0")
+    ev.add_argument("--out", help="write the result as JSON here (atomically)")
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.set_defaults(func=_eval)
+
+    ch = sub.add_parser("check", help="permanence certificate: which changed weights flip their quantized code")
+    ch.add_argument("--before", required=True, help="the original model directory (or 'smollm2-135m')")
+    ch.add_argument("--after", required=True, help="the edited model directory")
+    ch.add_argument("--format", default="nf4", help="comma-separated formats, e.g. nf4,fp4")
+    ch.add_argument("--json", help="write the certificate as JSON here (atomically)")
+    ch.set_defaults(func=_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MansuError as err:
+        print(f"mansu: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,270 @@
+"""`unlearn`: the MANSU pipeline as readable steps, and the one entry point for the baselines too.
+
+1. attribute the forget circuit (EAP-IG)            -> only its parameters may move
+2. diagonal Fisher and null-space projectors on the retain set
+3. rounds: gradient of the forget objective (+ retain NLL), projected off the retain inputs; every
+   candidate weight's move is floored to the neighbouring NF4 level in that direction; the moves with
+   the best forget benefit per Fisher cost are taken, within the Fisher budget; stop once the forget
+   set is forgotten both in full precision and in the quantized (deployed) model
+4. quantize-and-check: the permanence certificate against the original weights
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .attribution import Circuit, CircuitConfig, attribute_circuit
+from .data import Item, encode
+from .errors import MansuError
+from .evaluate import answer_logprob, evaluate
+from .fisher import BoundConfig, Fisher, bound_update, diagonal_fisher
+from .floor import floor_update
+from .methods import BaselineConfig, check_finite, forget_loss, retain_loss, run_baseline_
+from .projection import ProjectionConfig, Projector, null_space_projector
+from .quant import Certificate, check, fake_quantize, get_format, quantized_copy, quantized_layout, quantized_weights
+from .results import Result
+
+
+@dataclass
+class MansuConfig:
+    """MANSU: circuit-restricted, Fisher-bounded, null-space-projected, NF4-floored unlearning."""
+
+    objective: str = "ga"  # forget objective: "ga" (answer log-likelihood) or "npo"
+    circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig(mass=0.3, retain_penalty=1.0, progress=False))
+    energy: float | None = 0.99  # retain energy the projector protects; None: no projection
+    fisher_budget: float | None = None  # cap on 0.5 sum F delta^2 over all edits (nats/item); None: no cap
+    retain_weight: float = 1.0  # weight of the retain NLL in the gradient that picks the moves
+    format: str = "nf4"  # the deployed format every edit must cross a bin of
+    floor_mode: str = "snap"  # "snap": onto the neighbouring level; "margin": just inside the next bin
+    edits_per_round: int = 20_000  # weights moved per round
+    cost_smoothing: float = 1.0  # score = benefit / (cost + smoothing * median cost): 0 ranks by pure ratio
+    max_rounds: int = 15
+    target_forget_acc: float = 0.3  # stop once forget accuracy is at most this, full AND quantized
+    retain_sample: int = 64  # retain items in each round's gradient
+    npo_beta: float = 0.1
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("ga", "npo"):
+            raise MansuError(f"objective must be 'ga' or 'npo', got {self.objective!r}")
+        if isinstance(self.circuit, dict):
+            self.circuit = CircuitConfig(**self.circuit)
+        if self.energy is not None:
+            ProjectionConfig(energy=self.energy)  # validates
+        if self.fisher_budget is not None:
+            BoundConfig(budget=self.fisher_budget)
+        fmt = get_format(self.format)
+        if not fmt.absmax_scaled:
+            raise MansuError(f"the floor needs an absmax-scaled 4-bit format (nf4, fp4, -dq), not {self.format!r}")
+        if self.floor_mode not in ("snap", "margin"):
+            raise MansuError(f"floor_mode must be 'snap' or 'margin', got {self.floor_mode!r}")
+        for name in ("edits_per_round", "max_rounds", "retain_sample"):
+            if getattr(self, name) < 1:
+                raise MansuError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.retain_weight < 0 or self.cost_smoothing < 0 or self.npo_beta <= 0:
+            raise MansuError("retain_weight and cost_smoothing must be >= 0, npo_beta > 0")
+        if not 0 <= self.target_forget_acc <= 1:
+            raise MansuError(f"target_forget_acc must be in [0, 1], got {self.target_forget_acc}")
+
+
+@dataclass(repr=False)
+class UnlearnResult(Result):
+    """What `unlearn` did: the circuit, each round, the permanence certificate, and timings."""
+
+    method: str
+    converged: bool  # forget target met (MANSU: full precision and quantized; baselines: full precision)
+    rounds: list[dict[str, float]]
+    edited: int | None  # weights changed (baselines: not tracked, they move nearly every weight)
+    total_params: int
+    certificate: Certificate | None
+    circuit: Circuit | None
+    timing_s: dict[str, float]
+    config: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        out = {"method": self.method, "converged": self.converged, "rounds": len(self.rounds),
+               "edited_fraction": self.edited / self.total_params if self.edited is not None else None,
+               "seconds": sum(self.timing_s.values())}
+        if self.certificate is not None:
+            out["certified"] = self.certificate.certified
+        return out
+
+
+def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
+            config: MansuConfig | BaselineConfig | None = None) -> UnlearnResult:
+    """Make `model` (edited in place) forget `forget` while keeping `retain`; MANSU by default."""
+    config = config or MansuConfig()
+    if not forget or not retain:
+        raise MansuError("unlearning needs a non-empty forget set and a non-empty retain set")
+    if isinstance(config, BaselineConfig):
+        return _baseline(model, tokenizer, forget, retain, config)
+    if not isinstance(config, MansuConfig):
+        raise MansuError(f"config must be a MansuConfig or BaselineConfig, got {type(config).__name__}")
+    torch.manual_seed(config.seed)
+    timing: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    circuit = attribute_circuit(model, tokenizer, forget, retain, config.circuit)
+    mask = {n: m for n, m in circuit.mask(model).items() if m.any() and n in quantized_weights(model)}
+    if not mask:
+        raise MansuError("the circuit selected no quantized weight to edit; raise circuit.mass or top_k")
+    timing["attribution"], tick = time.perf_counter() - tick, time.perf_counter()
+
+    fisher = diagonal_fisher(model, tokenizer, retain, mask, progress=config.progress)
+    projector = (null_space_projector(model, tokenizer, retain, mask, ProjectionConfig(config.energy),
+                                      progress=config.progress) if config.energy is not None else None)
+    timing["fisher_projection"], tick = time.perf_counter() - tick, time.perf_counter()
+
+    editor = _Editor(model, mask, fisher, projector, config)
+    rounds, converged = editor.run(tokenizer, forget, retain)
+    timing["edit"], tick = time.perf_counter() - tick, time.perf_counter()
+
+    layout = {n: t for n, t in quantized_weights(model).items() if n in mask}
+    certificate = check(editor.original, {n: editor.params[n].detach() for n in mask}, config.format, layout)
+    timing["check"] = time.perf_counter() - tick
+    return UnlearnResult("mansu", converged, rounds, editor.edited_count(), editor.total_params(), certificate,
+                         circuit, timing, _config_dict(config))
+
+
+class _Editor:
+    """The round loop's state: original weights, which weights moved, and the quantized twin model."""
+
+    def __init__(self, model, mask, fisher: Fisher, projector: Projector | None, config: MansuConfig):
+        self.model, self.mask, self.fisher, self.projector, self.config = model, mask, fisher, projector, config
+        self.params = dict(model.named_parameters())
+        self.transposed = {n: t for n, t in quantized_weights(model).items() if n in mask}
+        self.original = {n: self.params[n].detach().clone() for n in mask}
+        self.moved = {n: torch.zeros_like(m) for n, m in mask.items()}
+        self.spent = 0.0  # Fisher cost of the edits so far
+        # The deployed model, kept in step with the edit: only the tensors an edit touches are re-quantized.
+        self.quantized = quantized_copy(model, config.format)
+        self.quantized_params = dict(self.quantized.named_parameters())
+
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def edited_count(self) -> int:
+        return int(sum((self.params[n].detach() != self.original[n]).sum() for n in self.mask))
+
+    def run(self, tokenizer, forget: Sequence[Item], retain: Sequence[Item]) -> tuple[list[dict], bool]:
+        cfg, rng = self.config, random.Random(self.config.seed)
+        forget_batch = encode(tokenizer, [it.prompt for it in forget], [it.answer for it in forget])
+        ref = None
+        if cfg.objective == "npo":
+            with torch.no_grad():
+                ref = answer_logprob(self.model, forget_batch)
+        rounds, converged = [], False
+        bar = tqdm(range(1, cfg.max_rounds + 1), desc="mansu", leave=False, disable=not cfg.progress)
+        for step in bar:
+            sample = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
+            retain_batch = encode(tokenizer, [it.prompt for it in sample], [it.answer for it in sample])
+            grads, losses = self.gradient(forget_batch, retain_batch, ref, step)
+            moves = self.propose(grads)
+            if not moves:
+                break
+            self.apply(moves)
+            full = evaluate(self.model, tokenizer, forget, progress=False)
+            quant = evaluate(self.quantized, tokenizer, forget, progress=False)
+            rounds.append({"round": step, **losses, "edited": self.edited_count(), "fisher_cost": self.spent,
+                           "forget_acc_full": full.accuracy, f"forget_acc_{cfg.format}": quant.accuracy,
+                           "forget_true_prob_full": full.true_prob, f"forget_true_prob_{cfg.format}": quant.true_prob})
+            bar.set_postfix(full=full.accuracy, quant=quant.accuracy, edited=rounds[-1]["edited"])
+            if full.accuracy <= cfg.target_forget_acc and quant.accuracy <= cfg.target_forget_acc:
+                converged = True
+                break
+        return rounds, converged
+
+    def gradient(self, forget_batch, retain_batch, ref, step: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Gradient of forget objective + retain_weight * retain NLL over the circuit's weights only."""
+        flags = {n: p.requires_grad for n, p in self.params.items()}
+        try:
+            for n, p in self.params.items():
+                p.requires_grad_(n in self.mask)  # backward skips the weight gradients of everything else
+            f_loss = forget_loss(self.model, forget_batch, self.config.objective, ref, self.config.npo_beta)
+            r_loss = retain_loss(self.model, retain_batch)
+            loss = f_loss + self.config.retain_weight * r_loss
+            check_finite(loss, step)
+            grads = torch.autograd.grad(loss, [self.params[n] for n in self.mask])
+        finally:
+            for n, p in self.params.items():
+                p.requires_grad_(flags[n])
+        return dict(zip(self.mask, grads)), {"forget_loss": f_loss.item(), "retain_nll": r_loss.item()}
+
+    @torch.no_grad()
+    def propose(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Floored moves of the best-scoring unmoved circuit weights, within the Fisher budget."""
+        cfg = self.config
+        direction = {n: -g * self.mask[n] for n, g in grads.items()}
+        if self.projector is not None:
+            direction = self.projector.apply(direction)
+        deltas, benefits, costs = {}, {}, {}
+        for n, d in direction.items():
+            w = self.params[n].detach()
+            free = self.mask[n] & ~self.moved[n] & (d != 0)
+            # A one-ulp step in the chosen direction; the floor turns it into a move to the neighbouring level.
+            nudged = torch.where(free, torch.nextafter(w, torch.sign(d) * math.inf), w)
+            t = self.transposed[n]
+            floored = quantized_layout(floor_update(quantized_layout(w, t), quantized_layout(nudged, t), cfg.format,
+                                                    mode=cfg.floor_mode), t)
+            delta = (floored - w) * free
+            deltas[n] = delta
+            benefits[n] = -(grads[n] * delta)[self.mask[n]]  # first-order decrease of the objective
+            costs[n] = self.fisher.entry_costs({n: delta})[n]
+        benefit, cost = torch.cat(list(benefits.values())), torch.cat(list(costs.values()))
+        useful = benefit > 0
+        if not useful.any():
+            return {}
+        smoothing = cfg.cost_smoothing * cost[useful].median()
+        score = torch.where(useful, benefit / (cost + smoothing + 1e-30), torch.zeros_like(benefit))
+        k = min(cfg.edits_per_round, int(useful.sum()))
+        keep = torch.zeros_like(score, dtype=torch.bool)
+        keep[score.topk(k).indices] = True
+        moves, start = {}, 0
+        for n, delta in deltas.items():
+            size = int(self.mask[n].sum())
+            chosen = torch.zeros_like(self.mask[n])
+            chosen[self.mask[n]] = keep[start : start + size]
+            start += size
+            if chosen.any():
+                moves[n] = delta * chosen
+        if cfg.fisher_budget is not None and moves:
+            remaining = cfg.fisher_budget - self.spent
+            if remaining <= 0:
+                return {}
+            moves = bound_update(self.fisher, moves, BoundConfig(remaining, "prune")).update
+        return {n: d for n, d in moves.items() if d.any()}
+
+    @torch.no_grad()
+    def apply(self, moves: dict[str, torch.Tensor]) -> None:
+        """Move the weights, in the model and in its quantized twin."""
+        self.spent += self.fisher.cost(moves)
+        for n, delta in moves.items():
+            p = self.params[n]
+            p.add_(delta)
+            self.moved[n] |= delta != 0
+            t = self.transposed[n]
+            self.quantized_params[n].copy_(quantized_layout(fake_quantize(quantized_layout(p, t), self.config.format), t))
+
+
+def _baseline(model, tokenizer, forget, retain, config: BaselineConfig) -> UnlearnResult:
+    """A gradient baseline through the same entry point and result type (no circuit, no certificate)."""
+    tick = time.perf_counter()
+    log = run_baseline_(model, tokenizer, forget, retain, config, progress=True)
+    seconds = time.perf_counter() - tick
+    checks = dict(log.forget_acc)
+    rounds = [{"round": s, "loss": loss} | ({"forget_acc_full": checks[s]} if s in checks else {})
+              for s, loss in enumerate(log.losses, 1)]
+    converged = bool(log.forget_acc) and log.forget_acc[-1][1] <= config.stop_forget_acc
+    return UnlearnResult(config.method, converged, rounds, None, sum(p.numel() for p in model.parameters()),
+                         None, None, {"edit": seconds}, _config_dict(config))
+
+
+def _config_dict(config: MansuConfig | BaselineConfig) -> dict[str, Any]:
+    return {"type": type(config).__name__, **asdict(config)}

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from mansu import files
+from mansu.cli import main
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "run", "eval", "check"):
+        assert command in out
+
+
+def test_eval_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--items", "elements", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["accuracy"] >= 0.9 and report["n"] == len(report["correct"])
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_user_mistakes_exit_nonzero_with_one_line_and_keep_existing_files(tmp_path, capsys):
+    existing = tmp_path / "r.json"
+    existing.write_text("precious")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b", "choices": ["c", "d"]}\n')
+    assert main(["eval", "--items", str(bad), "--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.jsonl:1" in err and "Traceback" not in err
+    assert existing.read_text() == "precious"
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "report.json"
+    files.write_json(path, {"a": 1})
+
+    def explode(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        files.atomic_write(path, explode)
+    assert json.loads(path.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [path]
+    with pytest.raises(ValueError):
+        files.write_json(path, {"x": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1}

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+import mansu
+from mansu.data import Item, batches, encode, load_items, read_jsonl, split
+
+
+def test_item_validation():
+    Item("The capital of France is", "Paris", ["Paris", "Rome"])
+    with pytest.raises(mansu.MansuError, match="not among its choices"):
+        Item("p", "Paris", ["Rome", "Oslo"])
+    with pytest.raises(mansu.MansuError, match="non-empty"):
+        Item("", "Paris")
+    with pytest.raises(mansu.MansuError, match="distinct"):
+        Item("p", "a", ["a", "a"])
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "a"\n')
+    with pytest.raises(mansu.MansuError, match=r"f.jsonl:3: malformed JSON"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "a"}\n')
+    with pytest.raises(mansu.MansuError, match=r"f.jsonl:1: missing field\(s\) \['answer'\]"):
+        read_jsonl(path)
+    path.write_text("\n")
+    with pytest.raises(mansu.MansuError, match="holds no items"):
+        read_jsonl(path)
+    with pytest.raises(mansu.MansuError, match="no such data file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_load_items_sources(tmp_path):
+    records = [{"prompt": "a", "answer": "b", "choices": ["b", "c"]}, {"prompt": "x", "answer": "y"}]
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    from_file, from_list = load_items(path), load_items(records)
+    assert from_file == from_list and from_file[0].choices == ("b", "c")
+    import datasets
+
+    assert load_items(datasets.Dataset.from_list(records[:1])) == from_list[:1]
+    with pytest.raises(mansu.MansuError, match="empty"):
+        load_items([])
+
+
+def test_bundled_sets_are_valid_and_large_enough():
+    assert set(mansu.bundled_sets()) >= {"capitals", "elements", "languages"}
+    for name in mansu.bundled_sets():
+        items = mansu.load_bundled(name)
+        assert len(items) >= 20 and all(it.choices and len(it.choices) == 4 for it in items)
+    assert load_items("capitals") == mansu.load_bundled("capitals")
+    with pytest.raises(mansu.MansuError, match="no bundled set"):
+        mansu.load_bundled("nope")
+
+
+def test_split_is_seeded_and_disjoint(capitals):
+    forget, retain = split(capitals, 10, seed=3)
+    assert len(forget) == 10 and len(retain) == len(capitals) - 10
+    assert not set(forget) & set(retain)
+    assert split(capitals, 10, seed=3) == (forget, retain) != split(capitals, 10, seed=4)
+
+
+def test_encode_masks_prompt_and_padding(tokenizer):
+    batch = encode(tokenizer, ["The capital of France is", "Hi"], ["Paris", "there you go"])
+    for b, answer in enumerate([" Paris", " there you go"]):
+        targets = batch.input_ids[b, 1:][batch.target_mask[b]]
+        assert tokenizer.decode(targets) == answer
+    assert batch.attention_mask.sum() == (batch.input_ids.shape[1] * 2 - (batch.attention_mask == 0).sum())
+    assert [len(b) for b in batches(tokenizer, mansu.load_bundled("elements")[:5], batch_size=2)] == [2, 2, 1]

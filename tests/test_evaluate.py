@@ -1,0 +1,52 @@
+import copy
+
+import pytest
+import torch
+
+import mansu
+from mansu.data import Item, encode
+from mansu.evaluate import answer_logprob
+
+
+def test_answer_logprob_matches_manual_sum_and_ignores_padding(tiny_model):
+    model, tok = tiny_model
+    prompts, answers = ["The capital of France is", "A"], ["Paris", "much longer answer here"]
+    batch = encode(tok, prompts, answers)
+    batched = answer_logprob(model, batch)
+    for b in range(2):
+        alone = encode(tok, prompts[b : b + 1], answers[b : b + 1])
+        ids = alone.input_ids[0]
+        logp = torch.log_softmax(model(ids[None]).logits[0, :-1], -1)
+        start = int(alone.target_mask[0].nonzero()[0])
+        manual = sum(logp[t, ids[t + 1]] for t in range(start, len(ids) - 1))
+        assert torch.allclose(batched[b], manual, atol=1e-4)
+
+
+def test_evaluate_picks_the_highest_likelihood_choice(tiny_model):
+    model, tok = tiny_model
+    items = [Item("Hello", "world", ("world", "there", "friend")), Item("One two", "three", ("three", "four"))]
+    result = mansu.evaluate(model, tok, items, batch_size=2, progress=False)
+    for it, ok in zip(items, result.correct):
+        scores = answer_logprob(model, encode(tok, [it.prompt] * len(it.choices), list(it.choices)))
+        assert ok == (it.choices[int(scores.argmax())] == it.answer)
+    assert result.accuracy == sum(result.correct) / 2 and 0 < result.true_prob < 1 and result.answer_nll > 0
+    assert "accuracy" in repr(result) and "<table>" in result._repr_html_()
+
+
+def test_evaluate_rejects_nan_weights_and_empty_sets(tiny_model):
+    model, tok = tiny_model
+    with pytest.raises(mansu.MansuError, match="empty"):
+        mansu.evaluate(model, tok, [])
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with pytest.raises(mansu.MansuError, match="non-finite"):
+        mansu.evaluate(broken, tok, [Item("a", "b", ("b", "c"))], progress=False)
+
+
+def test_embedded_model_knows_its_bundled_facts(embedded):
+    model, tok = embedded
+    out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0])
+    for name in mansu.bundled_sets():
+        assert mansu.evaluate(model, tok, mansu.load_bundled(name), progress=False).accuracy >= 0.9, name
