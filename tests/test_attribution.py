@@ -81,7 +81,8 @@ def test_select_by_top_k_mass_and_retain_penalty():
     forget = {"head": torch.tensor([[4.0, -3.0], [0.5, 0.0]]), "neuron": torch.tensor([[1.0, 2.0, 0.1]])}
     retain = {"head": torch.tensor([[4.0, 0.0], [0.0, 0.0]]), "neuron": torch.zeros(1, 3)}
     assert select(forget, CircuitConfig(top_k=1, mass=None)) == [Component("head", 0, 0), Component("neuron", 0, 1)]
-    assert select(forget, CircuitConfig(mass=0.6, kinds=("head",))) == [Component("head", 0, 0), Component("head", 0, 1)]
+    by_mass = select(forget, CircuitConfig(mass=0.6, kinds=("head",)))
+    assert by_mass == [Component("head", 0, 0), Component("head", 0, 1)]
     penalised = select(forget, CircuitConfig(top_k=5, mass=None, kinds=("head",), retain_penalty=1.0), retain)
     assert penalised == [Component("head", 0, 1), Component("head", 1, 0)]  # head 0.0 is as strong on retain
 

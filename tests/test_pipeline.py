@@ -36,6 +36,9 @@ def test_unlearn_edits_only_the_circuit_and_every_edit_flips(arch, tokenizer):
     independent = check(before, model, ["nf4"])["nf4"]  # recomputed from scratch, all quantized weights
     assert independent.changed == independent.flipped == changed and independent.collateral == 0
     assert result.certificate.certified and 1 <= len(result.rounds) <= 2
+    # the quantized twin the rounds evaluated is the model quantized from scratch
+    deployed = mansu.evaluate(mansu.quantized_copy(model, "nf4"), tokenizer, FORGET, progress=False)
+    assert result.rounds[-1]["forget_true_prob_nf4"] == pytest.approx(deployed.true_prob, abs=1e-6)
 
 
 def test_unlearn_is_deterministic_under_a_seed(tokenizer):

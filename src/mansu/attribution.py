@@ -18,7 +18,7 @@ a zero gradient and add nothing. Scores are averaged over items.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch

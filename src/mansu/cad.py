@@ -8,6 +8,7 @@ output-only suppression rescales every attribution at once (the answer's probabi
 gradient of its log-likelihood, changes), while it leaves the profile, i.e. which components carry the
 answer and in what proportion, as it was; an erasure changes the profile.
 
+Use circuits attributed with 5 or more steps: at 2 the output push alone reads 0.13-0.42.
 The threshold separating "structural" erasure from "behavioral" suppression comes from measurements
 on the embedded model (docs/attribution.md): unchanged 0; output head pushed away from the answers
 by up to 15 nats of answer log-likelihood 0.004-0.04; circuit weights noised or zeroed 0.37-0.58.

@@ -35,7 +35,7 @@ from .results import Result
 class MansuConfig:
     """MANSU: circuit-restricted, Fisher-bounded, null-space-projected, NF4-floored unlearning."""
 
-    objective: str = "ga"  # forget objective: "ga" (answer log-likelihood) or "npo"
+    objective: str = "npo"  # forget objective: "npo" (saturates once an item is forgotten) or "ga"
     circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig(mass=0.3, retain_penalty=1.0, progress=False))
     energy: float | None = 0.99  # retain energy the projector protects; None: no projection
     fisher_budget: float | None = None  # cap on 0.5 sum F delta^2 over all edits (nats/item); None: no cap
@@ -47,7 +47,8 @@ class MansuConfig:
     max_rounds: int = 15
     target_forget_acc: float = 0.3  # stop once forget accuracy is at most this, full AND quantized
     retain_sample: int = 64  # retain items in each round's gradient
-    npo_beta: float = 0.1
+    attribution_retain: int = 16  # retain items whose attribution penalises circuit components
+    npo_beta: float = 1.0  # NPO inverse temperature: larger stops pushing forgotten items sooner
     seed: int = 0
     progress: bool = True
 
@@ -65,7 +66,7 @@ class MansuConfig:
             raise MansuError(f"the floor needs an absmax-scaled 4-bit format (nf4, fp4, -dq), not {self.format!r}")
         if self.floor_mode not in ("snap", "margin"):
             raise MansuError(f"floor_mode must be 'snap' or 'margin', got {self.floor_mode!r}")
-        for name in ("edits_per_round", "max_rounds", "retain_sample"):
+        for name in ("edits_per_round", "max_rounds", "retain_sample", "attribution_retain"):
             if getattr(self, name) < 1:
                 raise MansuError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.retain_weight < 0 or self.cost_smoothing < 0 or self.npo_beta <= 0:
@@ -111,7 +112,9 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     timing: dict[str, float] = {}
     tick = time.perf_counter()
 
-    circuit = attribute_circuit(model, tokenizer, forget, retain, config.circuit)
+    # The retain attribution only penalises components: a sample of the retain set is enough for it.
+    sample = random.Random(config.seed).sample(list(retain), min(config.attribution_retain, len(retain)))
+    circuit = attribute_circuit(model, tokenizer, forget, sample, config.circuit)
     mask = {n: m for n, m in circuit.mask(model).items() if m.any() and n in quantized_weights(model)}
     if not mask:
         raise MansuError("the circuit selected no quantized weight to edit; raise circuit.mass or top_k")
@@ -142,10 +145,22 @@ class _Editor:
         self.transposed = {n: t for n, t in quantized_weights(model).items() if n in mask}
         self.original = {n: self.params[n].detach().clone() for n in mask}
         self.moved = {n: torch.zeros_like(m) for n, m in mask.items()}
+        # Each weight moves at most once and no block's absmax ever moves, so the floored move of every
+        # unmoved weight to its neighbouring level, up or down, is fixed: computed once, here.
+        self.step_up = {n: self.floored_step(n, +1) for n in mask}
+        self.step_down = {n: self.floored_step(n, -1) for n in mask}
         self.spent = 0.0  # Fisher cost of the edits so far
         # The deployed model, kept in step with the edit: only the tensors an edit touches are re-quantized.
         self.quantized = quantized_copy(model, config.format)
         self.quantized_params = dict(self.quantized.named_parameters())
+
+    def floored_step(self, name: str, sign: int) -> torch.Tensor:
+        """The move of every masked weight of `name` to the neighbouring level above (+1) or below (-1)."""
+        w, t = self.original[name], self.transposed[name]
+        nudged = torch.where(self.mask[name], torch.nextafter(w, torch.full_like(w, sign * math.inf)), w)
+        floored = floor_update(quantized_layout(w, t), quantized_layout(nudged, t), self.config.format,
+                               mode=self.config.floor_mode)
+        return quantized_layout(floored, t) - w
 
     def total_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -206,14 +221,8 @@ class _Editor:
             direction = self.projector.apply(direction)
         deltas, benefits, costs = {}, {}, {}
         for n, d in direction.items():
-            w = self.params[n].detach()
-            free = self.mask[n] & ~self.moved[n] & (d != 0)
-            # A one-ulp step in the chosen direction; the floor turns it into a move to the neighbouring level.
-            nudged = torch.where(free, torch.nextafter(w, torch.sign(d) * math.inf), w)
-            t = self.transposed[n]
-            floored = quantized_layout(floor_update(quantized_layout(w, t), quantized_layout(nudged, t), cfg.format,
-                                                    mode=cfg.floor_mode), t)
-            delta = (floored - w) * free
+            free = self.mask[n] & ~self.moved[n]
+            delta = torch.where(d > 0, self.step_up[n], torch.where(d < 0, self.step_down[n], 0.0)) * free
             deltas[n] = delta
             benefits[n] = -(grads[n] * delta)[self.mask[n]]  # first-order decrease of the objective
             costs[n] = self.fisher.entry_costs({n: delta})[n]
@@ -249,8 +258,18 @@ class _Editor:
             p = self.params[n]
             p.add_(delta)
             self.moved[n] |= delta != 0
-            t = self.transposed[n]
-            self.quantized_params[n].copy_(quantized_layout(fake_quantize(quantized_layout(p, t), self.config.format), t))
+            self.requantize(n, delta != 0)
+
+
+    def requantize(self, name: str, moved: torch.Tensor) -> None:
+        """Refresh the quantized twin where `name` moved: only the touched blocks, when they are contiguous."""
+        p, q, t = self.params[name].detach(), self.quantized_params[name].data, self.transposed[name]
+        size = get_format(self.config.format).blocksize
+        if t or p.numel() % size:  # a transposed (Conv1D) or ragged weight: re-quantize all of it
+            q.copy_(quantized_layout(fake_quantize(quantized_layout(p, t), self.config.format), t))
+            return
+        blocks, touched = p.reshape(-1, size), moved.reshape(-1, size).any(1)
+        q.view(-1, size)[touched] = fake_quantize(blocks[touched], self.config.format)
 
 
 def _baseline(model, tokenizer, forget, retain, config: BaselineConfig) -> UnlearnResult:
