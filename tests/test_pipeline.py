@@ -93,3 +93,15 @@ def test_baselines_run_and_nan_losses_stop_with_a_clear_error(tokenizer):
         model.get_input_embeddings().weight.fill_(float("nan"))
     with pytest.raises(mansu.MansuError, match="loss became nan at step 1"):
         mansu.unlearn(model, tokenizer, FORGET, RETAIN, mansu.BaselineConfig(max_steps=2))
+
+
+def test_fisher_budget_caps_the_retain_cost_of_the_edit(tokenizer):
+    from conftest import make_tiny
+
+    free = make_tiny("llama", tokenizer)
+    unbounded = mansu.unlearn(free, tokenizer, FORGET, RETAIN, small_config())
+    budget = unbounded.rounds[0]["fisher_cost"] / 4
+    model = make_tiny("llama", tokenizer)
+    bounded = mansu.unlearn(model, tokenizer, FORGET, RETAIN, small_config(fisher_budget=budget))
+    assert 0 < bounded.rounds[-1]["fisher_cost"] <= budget * (1 + 1e-6)
+    assert bounded.edited < unbounded.edited and bounded.certificate.certified

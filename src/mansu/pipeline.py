@@ -23,7 +23,7 @@ from .attribution import Circuit, CircuitConfig, attribute_circuit
 from .data import Item, encode
 from .errors import MansuError
 from .evaluate import answer_logprob, evaluate
-from .fisher import BoundConfig, Fisher, bound_update, diagonal_fisher
+from .fisher import BoundConfig, Fisher, bound_update, diagonal_fisher, masked_grad_hooks
 from .floor import floor_update
 from .methods import BaselineConfig, check_finite, forget_loss, retain_loss, run_baseline_
 from .projection import ProjectionConfig, Projector, null_space_projector
@@ -129,44 +129,54 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     rounds, converged = editor.run(tokenizer, forget, retain)
     timing["edit"], tick = time.perf_counter() - tick, time.perf_counter()
 
-    layout = {n: t for n, t in quantized_weights(model).items() if n in mask}
-    certificate = check(editor.original, {n: editor.params[n].detach() for n in mask}, config.format, layout)
+    del editor.quantized, editor.quantized_params  # the twin is done: free it before the certificate
+    certificate = check(editor.original_weights(), {n: editor.params[n].detach() for n in mask}, config.format,
+                        editor.transposed)
     timing["check"] = time.perf_counter() - tick
     return UnlearnResult("mansu", converged, rounds, editor.edited_count(), editor.total_params(), certificate,
                          circuit, timing, _config_dict(config))
 
 
 class _Editor:
-    """The round loop's state: original weights, which weights moved, and the quantized twin model."""
+    """The round loop's state. Per circuit weight tensor everything is kept as flat vectors over its mask's
+    entries (in mask order, as the Fisher keeps them), so memory follows the circuit, not the model."""
 
     def __init__(self, model, mask, fisher: Fisher, projector: Projector | None, config: MansuConfig):
         self.model, self.mask, self.fisher, self.projector, self.config = model, mask, fisher, projector, config
         self.params = dict(model.named_parameters())
         self.transposed = {n: t for n, t in quantized_weights(model).items() if n in mask}
-        self.original = {n: self.params[n].detach().clone() for n in mask}
-        self.moved = {n: torch.zeros_like(m) for n, m in mask.items()}
+        self.original = {n: self.params[n].detach()[m].clone() for n, m in mask.items()}
+        self.moved = {n: torch.zeros_like(v, dtype=torch.bool) for n, v in self.original.items()}
         # Each weight moves at most once and no block's absmax ever moves, so the floored move of every
         # unmoved weight to its neighbouring level, up or down, is fixed: computed once, here.
         self.step_up = {n: self.floored_step(n, +1) for n in mask}
         self.step_down = {n: self.floored_step(n, -1) for n in mask}
         self.spent = 0.0  # Fisher cost of the edits so far
-        # The deployed model, kept in step with the edit: only the tensors an edit touches are re-quantized.
+        # The deployed model, kept in step with the edit: only the blocks an edit touches are re-quantized.
         self.quantized = quantized_copy(model, config.format)
         self.quantized_params = dict(self.quantized.named_parameters())
 
     def floored_step(self, name: str, sign: int) -> torch.Tensor:
         """The move of every masked weight of `name` to the neighbouring level above (+1) or below (-1)."""
-        w, t = self.original[name], self.transposed[name]
-        nudged = torch.where(self.mask[name], torch.nextafter(w, torch.full_like(w, sign * math.inf)), w)
+        w, m, t = self.params[name].detach(), self.mask[name], self.transposed[name]
+        nudged = torch.where(m, torch.nextafter(w, torch.full_like(w, sign * math.inf)), w)
         floored = floor_update(quantized_layout(w, t), quantized_layout(nudged, t), self.config.format,
                                mode=self.config.floor_mode)
-        return quantized_layout(floored, t) - w
+        return quantized_layout(floored, t)[m] - w[m]
 
     def total_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     def edited_count(self) -> int:
-        return int(sum((self.params[n].detach() != self.original[n]).sum() for n in self.mask))
+        return int(sum((self.params[n].detach()[m] != self.original[n]).sum() for n, m in self.mask.items()))
+
+    def original_weights(self) -> dict[str, torch.Tensor]:
+        """The circuit tensors as they were before the edit (for the certificate)."""
+        out = {}
+        for n, m in self.mask.items():
+            out[n] = self.params[n].detach().clone()
+            out[n][m] = self.original[n]
+        return out
 
     def run(self, tokenizer, forget: Sequence[Item], retain: Sequence[Item]) -> tuple[list[dict], bool]:
         cfg, rng = self.config, random.Random(self.config.seed)
@@ -180,8 +190,8 @@ class _Editor:
         for step in bar:
             sample = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
             retain_batch = encode(tokenizer, [it.prompt for it in sample], [it.answer for it in sample])
-            grads, losses = self.gradient(forget_batch, retain_batch, ref, step)
-            moves = self.propose(grads)
+            grads, directions, losses = self.gradient(forget_batch, retain_batch, ref, step)
+            moves = self.propose(grads, directions)
             if not moves:
                 break
             self.apply(moves)
@@ -196,70 +206,73 @@ class _Editor:
                 break
         return rounds, converged
 
-    def gradient(self, forget_batch, retain_batch, ref, step: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """Gradient of forget objective + retain_weight * retain NLL over the circuit's weights only."""
+    def gradient(self, forget_batch, retain_batch, ref, step: int) -> tuple[dict, dict, dict]:
+        """Per circuit tensor, the flat gradient of forget objective + retain_weight * retain NLL, and the
+        (projected) descent direction; each full-size gradient is freed as soon as backward writes it."""
+        grads, directions = {}, {}
+
+        def take(name: str, grad: torch.Tensor) -> None:
+            m = self.mask[name]
+            step_dir = -grad * m
+            if self.projector is not None:
+                step_dir = self.projector.apply({name: step_dir})[name]
+            grads[name], directions[name] = grad[m].float(), step_dir[m].float()
+
         flags = {n: p.requires_grad for n, p in self.params.items()}
         try:
             for n, p in self.params.items():
                 p.requires_grad_(n in self.mask)  # backward skips the weight gradients of everything else
-            f_loss = forget_loss(self.model, forget_batch, self.config.objective, ref, self.config.npo_beta)
-            r_loss = retain_loss(self.model, retain_batch)
-            loss = f_loss + self.config.retain_weight * r_loss
-            check_finite(loss, step)
-            grads = torch.autograd.grad(loss, [self.params[n] for n in self.mask])
+            with masked_grad_hooks({n: self.params[n] for n in self.mask}, take):
+                f_loss = forget_loss(self.model, forget_batch, self.config.objective, ref, self.config.npo_beta)
+                r_loss = retain_loss(self.model, retain_batch)
+                loss = f_loss + self.config.retain_weight * r_loss
+                check_finite(loss, step)
+                loss.backward()
         finally:
             for n, p in self.params.items():
                 p.requires_grad_(flags[n])
-        return dict(zip(self.mask, grads)), {"forget_loss": f_loss.item(), "retain_nll": r_loss.item()}
+        return grads, directions, {"forget_loss": f_loss.item(), "retain_nll": r_loss.item()}
 
     @torch.no_grad()
-    def propose(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Floored moves of the best-scoring unmoved circuit weights, within the Fisher budget."""
-        cfg = self.config
-        direction = {n: -g * self.mask[n] for n, g in grads.items()}
-        if self.projector is not None:
-            direction = self.projector.apply(direction)
-        deltas, benefits, costs = {}, {}, {}
-        for n, d in direction.items():
-            free = self.mask[n] & ~self.moved[n]
-            delta = torch.where(d > 0, self.step_up[n], torch.where(d < 0, self.step_down[n], 0.0)) * free
-            deltas[n] = delta
-            benefits[n] = -(grads[n] * delta)[self.mask[n]]  # first-order decrease of the objective
-            costs[n] = self.fisher.entry_costs({n: delta})[n]
-        benefit, cost = torch.cat(list(benefits.values())), torch.cat(list(costs.values()))
+    def propose(self, grads: dict[str, torch.Tensor], directions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Flat floored moves of the best-scoring unmoved circuit weights, within the Fisher budget."""
+        cfg, names = self.config, list(self.mask)
+        deltas = {n: torch.where(directions[n] > 0, self.step_up[n], torch.where(directions[n] < 0, self.step_down[n],
+                                                                                 0.0)) * ~self.moved[n] for n in names}
+        benefit = torch.cat([-(grads[n] * deltas[n]) for n in names])  # first-order decrease of the objective
+        cost = torch.cat([0.5 * self.fisher.values[n] * deltas[n] ** 2 for n in names])  # the retain bound's terms
         useful = benefit > 0
         if not useful.any():
             return {}
         smoothing = cfg.cost_smoothing * cost[useful].median()
         score = torch.where(useful, benefit / (cost + smoothing + 1e-30), torch.zeros_like(benefit))
-        k = min(cfg.edits_per_round, int(useful.sum()))
-        keep = torch.zeros_like(score, dtype=torch.bool)
-        keep[score.topk(k).indices] = True
-        moves, start = {}, 0
-        for n, delta in deltas.items():
-            size = int(self.mask[n].sum())
-            chosen = torch.zeros_like(self.mask[n])
-            chosen[self.mask[n]] = keep[start : start + size]
-            start += size
-            if chosen.any():
-                moves[n] = delta * chosen
-        if cfg.fisher_budget is not None and moves:
+        keep = torch.zeros_like(useful)
+        keep[score.topk(min(cfg.edits_per_round, int(useful.sum()))).indices] = True
+        moves = dict(zip(names, (d * k for d, k in zip(deltas.values(), keep.split([len(d) for d in deltas.values()])))))
+        if cfg.fisher_budget is not None:
             remaining = cfg.fisher_budget - self.spent
             if remaining <= 0:
                 return {}
-            moves = bound_update(self.fisher, moves, BoundConfig(remaining, "prune")).update
+            full = {n: self.dense(n, d) for n, d in moves.items() if d.any()}
+            bounded = bound_update(self.fisher, full, BoundConfig(remaining, "prune")).update
+            moves = {n: d[self.mask[n]] for n, d in bounded.items()}
         return {n: d for n, d in moves.items() if d.any()}
+
+    def dense(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """A flat vector over `name`'s mask as a full-shape tensor (zero elsewhere)."""
+        out = torch.zeros_like(self.params[name].detach())
+        out[self.mask[name]] = flat
+        return out
 
     @torch.no_grad()
     def apply(self, moves: dict[str, torch.Tensor]) -> None:
         """Move the weights, in the model and in its quantized twin."""
-        self.spent += self.fisher.cost(moves)
         for n, delta in moves.items():
-            p = self.params[n]
-            p.add_(delta)
+            self.spent += float((0.5 * self.fisher.values[n] * delta**2).sum())
+            m, p = self.mask[n], self.params[n]
+            p[m] = p[m] + delta
             self.moved[n] |= delta != 0
-            self.requantize(n, delta != 0)
-
+            self.requantize(n, self.dense(n, delta) != 0)
 
     def requantize(self, name: str, moved: torch.Tensor) -> None:
         """Refresh the quantized twin where `name` moved: only the touched blocks, when they are contiguous."""
