@@ -18,7 +18,7 @@ def _eval(args: argparse.Namespace) -> None:
     from mansu.quant import evaluate_formats
 
     items = mansu.load_items(args.items)  # validate the cheap input before loading a model
-    formats = args.formats.split(",") if args.formats else []
+    formats = [f for f in args.formats.split(",") if f]
     model, tokenizer = mansu.load_model(args.model, dtype=args.dtype)
     results = evaluate_formats(model, tokenizer, items, formats, batch_size=args.batch_size)
     for name, r in results.items():

@@ -510,7 +510,7 @@ def evaluate_formats(
     from .evaluate import evaluate
 
     out = {"full": evaluate(model, tokenizer, items, **eval_kwargs)}
-    for fmt in parse_formats(formats):
+    for fmt in parse_formats(formats) if formats else []:
         q = quantized_copy(model, fmt, backend)
         out[fmt.name] = evaluate(q, tokenizer, items, **eval_kwargs)
         del q

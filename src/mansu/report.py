@@ -106,7 +106,7 @@ def comparison_table(reports: Sequence[RunReport], fmt: str = "nf4") -> str:
 
 
 def plot_update_ratios(reports: Sequence[RunReport], path: str | os.PathLike) -> Path:
-    """A PNG histogram of log10(|update| / NF4 bin width) per method; right of 0 = a bin can be crossed."""
+    """A PNG histogram of log10(|update| / NF4 bin width) per method: far left of 0, NF4 rounds the edit away."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +124,7 @@ def plot_update_ratios(reports: Sequence[RunReport], path: str | os.PathLike) ->
     ax.text(0.02, 0.97, "one bin width", transform=ax.get_xaxis_transform(), va="top")
     ax.set_xlabel("log10(|update| / NF4 bin width)  per changed weight")
     ax.set_ylabel("density")
-    ax.set_title("Does the edit cross NF4 bins? (the deployed model keeps only edits right of the line)")
+    ax.set_title("Edit size per changed weight, in NF4 bin widths", fontsize=11)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     try:

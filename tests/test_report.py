@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+import mansu
+from mansu.cli import main
+from mansu.report import RunReport, comparison_table, plot_update_ratios
+
+FACTS = [("France", "Paris"), ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Norway", "Oslo"), ("Peru", "Lima"),
+         ("Italy", "Rome")]
+
+
+def write_items(path, facts):
+    answers = [a for _, a in FACTS]
+    lines = [json.dumps({"prompt": f"The capital of {c} is", "answer": a,
+                         "choices": [a] + [x for x in answers if x != a][:3]}) for c, a in facts]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    from conftest import make_tiny
+
+    return str(mansu.save_model(make_tiny("llama", tokenizer), tokenizer, tmp_path / "tiny"))
+
+
+def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tiny_dir):
+    forget, retain = write_items(tmp_path / "f.jsonl", FACTS[:2]), write_items(tmp_path / "r.jsonl", FACTS[2:])
+    out, saved = tmp_path / "report.json", tmp_path / "edited"
+    assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", retain, "--method", "graddiff",
+                 "--formats", "nf4,q4_0", "--out", str(out), "--save", str(saved)]) == 0
+    report = json.loads(out.read_text())
+    for when in ("before", "after"):
+        for fmt in ("full", "nf4", "q4_0"):
+            assert {"forget_acc", "retain_acc"} <= set(report[when][fmt])
+    gap = report["after"]["nf4"]["forget_acc"] - report["after"]["full"]["forget_acc"]
+    assert report["ptq_gap"]["nf4"] == pytest.approx(gap)
+    assert {"changed", "flipped", "collateral", "fraction"} <= set(report["permanence"]["nf4"])
+    assert 0 <= report["cad"] <= 1 and report["timing_s"]["unlearn"] <= report["timing_s"]["total"]
+    assert report["peak_rss_mb"] > 0
+    # the saved model is a normal HF directory, and `mansu check` on it reproduces the report's counts
+    assert main(["check", "--before", tiny_dir, "--after", str(saved), "--format", "nf4", "--json",
+                 str(tmp_path / "c.json")]) == 0
+    certificate = json.loads((tmp_path / "c.json").read_text())["formats"]["nf4"]
+    for key in ("changed", "flipped", "collateral"):
+        assert certificate[key] == report["permanence"]["nf4"][key]
+
+
+def test_table_and_plot_from_reports(tmp_path, tiny_dir):
+    forget, retain = write_items(tmp_path / "f.jsonl", FACTS[:2]), write_items(tmp_path / "r.jsonl", FACTS[2:])
+    reports = []
+    for method in ("ga", "mansu"):
+        out = tmp_path / f"{method}.json"
+        assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", retain, "--method", method,
+                     "--out", str(out)]) == 0
+        reports.append(RunReport(**json.loads(out.read_text())))
+    table = comparison_table(reports)
+    assert "ga" in table and "mansu" in table and "PTQ gap nf4" in table
+    png = plot_update_ratios(reports, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "forget_full" in repr(reports[1]) and "<table>" in reports[1]._repr_html_()
+
+
+@pytest.mark.slow
+def test_mansu_meets_the_four_properties_on_the_embedded_model(embedded):
+    """The paper's properties on the real model: forgotten in full precision AND NF4, retain kept, certified."""
+    import copy
+
+    model, tok = copy.deepcopy(embedded[0]), embedded[1]
+    forget, retain = mansu.split(mansu.load_bundled("capitals"), 10, seed=0)
+    result = mansu.unlearn(model, tok, forget, retain, mansu.MansuConfig(progress=False))
+    deployed = mansu.quantized_copy(model, "nf4")
+    for m in (model, deployed):
+        assert mansu.evaluate(m, tok, forget, progress=False).accuracy <= 0.35
+        assert mansu.evaluate(m, tok, retain, progress=False).accuracy >= 0.95
+    assert result.converged and result.certificate.certified
+    assert mansu.cad(model, tok, result.circuit, forget).verdict == "structural"
