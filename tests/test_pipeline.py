@@ -5,7 +5,7 @@ import torch
 
 import mansu
 from mansu.data import Item
-from mansu.quant import check, quantized_weights
+from mansu.quant import check
 
 FORGET = [Item(f"The capital of {c} is", a, (a, "Oslo", "Lima", "Rome"))
           for c, a in [("France", "Paris"), ("Japan", "Tokyo"), ("Egypt", "Cairo")]]
