@@ -5,7 +5,6 @@ Each item gets three distractors drawn from the other answers of its domain, und
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -77,8 +76,7 @@ def main() -> None:
         result = mansu.evaluate(model, tokenizer, items, progress=False)
         kept = [it for it, ok in zip(items, result.correct) if ok]
         print(f"{name}: kept {len(kept)} of {len(items)}")
-        lines = "".join(json.dumps(it.to_dict()) + "\n" for it in kept)
-        mansu.files.write_text(out / f"{name}.jsonl", lines)
+        mansu.data.write_jsonl(out / f"{name}.jsonl", kept)
 
 
 if __name__ == "__main__":

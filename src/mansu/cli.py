@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> None:
         config = mansu.MansuConfig(seed=args.seed)
     else:
         config = mansu.BaselineConfig(method=args.method, seed=args.seed)
-    if args.out and Path(args.out).is_dir():
+    if Path(args.out).is_dir():
         raise MansuError(f"--out {args.out} is a directory; give a file name for the JSON report")
     model, tokenizer = mansu.load_model(args.model)
     report = run(model, tokenizer, forget, retain, config, args.model, args.formats.split(","), save=args.save)
@@ -66,7 +66,7 @@ def _demo(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
     forget, retain = mansu.split(mansu.load_bundled("capitals"), 10, seed=0)
     for name, items in (("forget", forget), ("retain", retain)):
-        mansu.files.write_text(out / f"{name}.jsonl", "".join(json.dumps(it.to_dict()) + "\n" for it in items))
+        mansu.data.write_jsonl(out / f"{name}.jsonl", items)
     print(f"demo: forget {len(forget)} capitals, retain {len(retain)}, on {mansu.EMBEDDED_MODEL}; "
           f"each method runs in its own process so its peak memory is its own")
     reports = []

@@ -104,6 +104,13 @@ def load_items(source: str | os.PathLike | Iterable[Any]) -> list[Item]:
     return items
 
 
+def write_jsonl(path: str | os.PathLike, items: Sequence[Item]) -> Path:
+    """Write items as JSON lines, atomically (the format `read_jsonl` reads)."""
+    from .files import write_text
+
+    return write_text(path, "".join(json.dumps(it.to_dict()) + "\n" for it in items))
+
+
 def bundled_sets() -> list[str]:
     """Names of the fact sets shipped with mansu (each verified on the embedded model)."""
     return sorted(p.name[: -len(".jsonl")] for p in resources.files(_BUNDLE).iterdir() if p.name.endswith(".jsonl"))
@@ -163,10 +170,14 @@ def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
     return Batch(input_ids, attention_mask, target_mask)
 
 
+def encode_items(tokenizer, items: Sequence[Item]) -> Batch:
+    """One batch of the items' (prompt, answer) pairs."""
+    return encode(tokenizer, [it.prompt for it in items], [it.answer for it in items])
+
+
 def batches(tokenizer, items: Sequence[Item], batch_size: int = 16) -> Iterator[Batch]:
     """Batches of (prompt, answer) for losses, Fisher and attribution: only answer tokens count."""
     if batch_size < 1:
         raise MansuError(f"batch_size must be >= 1, got {batch_size}")
     for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        yield encode(tokenizer, [it.prompt for it in chunk], [it.answer for it in chunk])
+        yield encode_items(tokenizer, items[i : i + batch_size])

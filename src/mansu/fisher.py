@@ -95,8 +95,12 @@ class Fisher(Result):
                 raise MansuError(f"update of {name!r} has shape {tuple(delta.shape)}, the mask {tuple(mask.shape)}")
             if delta[~mask.to(delta.device)].any():
                 raise MansuError(f"the update moves entries of {name!r} outside the Fisher's mask")
-            costs[name] = 0.5 * self.values[name] * delta.detach().float().cpu()[mask] ** 2
+            costs[name] = self.entry_cost(name, delta.detach().float().cpu()[mask])
         return costs
+
+    def entry_cost(self, name: str, entries: torch.Tensor) -> torch.Tensor:
+        """0.5 * F_i * delta_i^2 for a flat vector of deltas over `name`'s masked entries, in mask order."""
+        return 0.5 * self.values[name] * entries**2
 
     def cost(self, update: Update) -> float:
         """The retain bound: the curvature term 0.5 * sum F_i delta_i^2 of `update`'s retain-NLL increase."""

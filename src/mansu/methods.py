@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Batch, Item, encode
+from .data import Batch, Item, batches, encode_items
 from .errors import MansuError
 from .evaluate import answer_logprob, evaluate
 
@@ -87,12 +87,8 @@ def run_baseline_(model: torch.nn.Module, tokenizer, forget: Sequence[Item], ret
                   config: BaselineConfig, progress: bool = True) -> TrainLog:
     """Train `model` in place with a gradient baseline; stops early once forget accuracy is low."""
     torch.manual_seed(config.seed)
-    forget_batch = encode(tokenizer, [it.prompt for it in forget], [it.answer for it in forget])
-    retain_batches = itertools.cycle(
-        [encode(tokenizer, [it.prompt for it in retain[i : i + config.retain_batch_size]],
-                [it.answer for it in retain[i : i + config.retain_batch_size]])
-         for i in range(0, len(retain), config.retain_batch_size)]
-    )
+    forget_batch = encode_items(tokenizer, forget)
+    retain_batches = itertools.cycle(list(batches(tokenizer, retain, config.retain_batch_size)))
     objective = "npo" if config.method == "npo" else "ga"
     ref = None
     if objective == "npo":

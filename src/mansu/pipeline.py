@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attribution import Circuit, CircuitConfig, attribute_circuit
-from .data import Item, encode
+from .data import Item, encode_items
 from .errors import MansuError
 from .evaluate import answer_logprob, evaluate
 from .fisher import BoundConfig, Fisher, bound_update, diagonal_fisher, masked_grad_hooks
@@ -115,7 +115,8 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     # The retain attribution only penalises components: a sample of the retain set is enough for it.
     sample = random.Random(config.seed).sample(list(retain), min(config.attribution_retain, len(retain)))
     circuit = attribute_circuit(model, tokenizer, forget, sample, config.circuit)
-    mask = {n: m for n, m in circuit.mask(model).items() if m.any() and n in quantized_weights(model)}
+    layout = quantized_weights(model)
+    mask = {n: m for n, m in circuit.mask(model).items() if m.any() and n in layout}
     if not mask:
         raise MansuError("the circuit selected no quantized weight to edit; raise circuit.mass or top_k")
     timing["attribution"], tick = time.perf_counter() - tick, time.perf_counter()
@@ -125,7 +126,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
                                       progress=config.progress) if config.energy is not None else None)
     timing["fisher_projection"], tick = time.perf_counter() - tick, time.perf_counter()
 
-    editor = _Editor(model, mask, fisher, projector, config)
+    editor = _Editor(model, mask, {n: layout[n] for n in mask}, fisher, projector, config)
     rounds, converged = editor.run(tokenizer, forget, retain)
     timing["edit"], tick = time.perf_counter() - tick, time.perf_counter()
 
@@ -141,10 +142,11 @@ class _Editor:
     """The round loop's state. Per circuit weight tensor everything is kept as flat vectors over its mask's
     entries (in mask order, as the Fisher keeps them), so memory follows the circuit, not the model."""
 
-    def __init__(self, model, mask, fisher: Fisher, projector: Projector | None, config: MansuConfig):
+    def __init__(self, model, mask, transposed: dict[str, bool], fisher: Fisher, projector: Projector | None,
+                 config: MansuConfig):
         self.model, self.mask, self.fisher, self.projector, self.config = model, mask, fisher, projector, config
         self.params = dict(model.named_parameters())
-        self.transposed = {n: t for n, t in quantized_weights(model).items() if n in mask}
+        self.transposed = transposed  # per circuit weight: stored [in, out] (Conv1D), as the quantizer sees it
         self.original = {n: self.params[n].detach()[m].clone() for n, m in mask.items()}
         self.moved = {n: torch.zeros_like(v, dtype=torch.bool) for n, v in self.original.items()}
         # Each weight moves at most once and no block's absmax ever moves, so the floored move of every
@@ -180,7 +182,7 @@ class _Editor:
 
     def run(self, tokenizer, forget: Sequence[Item], retain: Sequence[Item]) -> tuple[list[dict], bool]:
         cfg, rng = self.config, random.Random(self.config.seed)
-        forget_batch = encode(tokenizer, [it.prompt for it in forget], [it.answer for it in forget])
+        forget_batch = encode_items(tokenizer, forget)
         ref = None
         if cfg.objective == "npo":
             with torch.no_grad():
@@ -189,7 +191,7 @@ class _Editor:
         bar = tqdm(range(1, cfg.max_rounds + 1), desc="mansu", leave=False, disable=not cfg.progress)
         for step in bar:
             sample = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
-            retain_batch = encode(tokenizer, [it.prompt for it in sample], [it.answer for it in sample])
+            retain_batch = encode_items(tokenizer, sample)
             grads, directions, losses = self.gradient(forget_batch, retain_batch, ref, step)
             moves = self.propose(grads, directions)
             if not moves:
@@ -240,7 +242,7 @@ class _Editor:
         deltas = {n: torch.where(directions[n] > 0, self.step_up[n], torch.where(directions[n] < 0, self.step_down[n],
                                                                                  0.0)) * ~self.moved[n] for n in names}
         benefit = torch.cat([-(grads[n] * deltas[n]) for n in names])  # first-order decrease of the objective
-        cost = torch.cat([0.5 * self.fisher.values[n] * deltas[n] ** 2 for n in names])  # the retain bound's terms
+        cost = torch.cat([self.fisher.entry_cost(n, deltas[n]) for n in names])  # the retain bound's terms
         useful = benefit > 0
         if not useful.any():
             return {}
@@ -268,7 +270,7 @@ class _Editor:
     def apply(self, moves: dict[str, torch.Tensor]) -> None:
         """Move the weights, in the model and in its quantized twin."""
         for n, delta in moves.items():
-            self.spent += float((0.5 * self.fisher.values[n] * delta**2).sum())
+            self.spent += float(self.fisher.entry_cost(n, delta).sum())
             m, p = self.mask[n], self.params[n]
             p[m] = p[m] + delta
             self.moved[n] |= delta != 0

@@ -43,13 +43,17 @@ def reset_peak_rss() -> bool:
 def accuracies(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
                formats: Sequence[str], backend: str = "fake") -> dict[str, dict[str, float]]:
     """{'full'|format: {forget_acc, retain_acc, forget_true_prob, retain_true_prob}}."""
-    from .quant import evaluate_formats
+    from .evaluate import evaluate
+    from .quant import quantized_copy
 
     out: dict[str, dict[str, float]] = {}
-    for split_name, items in (("forget", forget), ("retain", retain)):
-        for fmt, result in evaluate_formats(model, tokenizer, items, formats, backend, progress=False).items():
-            out.setdefault(fmt, {})[f"{split_name}_acc"] = result.accuracy
-            out[fmt][f"{split_name}_true_prob"] = result.true_prob
+    for fmt in ["full", *formats]:
+        scored = model if fmt == "full" else quantized_copy(model, fmt, backend)  # one copy serves both sets
+        out[fmt] = {}
+        for split_name, items in (("forget", forget), ("retain", retain)):
+            result = evaluate(scored, tokenizer, items, progress=False)
+            out[fmt] |= {f"{split_name}_acc": result.accuracy, f"{split_name}_true_prob": result.true_prob}
+        del scored
     return out
 
 
