@@ -1,6 +1,7 @@
 """mansu.quant against its oracles: bitsandbytes (nf4, fp4, double quant, int8) and gguf (q4_0, q4_1, q8_0)."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -79,6 +80,21 @@ def test_embedded_model_codes_match_bitsandbytes(embedded):
             assert torch.equal(enc.scale, absmax), name
 
 
+@pytest.mark.slow
+def test_check_of_the_embedded_model_matches_bitsandbytes(embedded):
+    model, _ = embedded
+    names = list(quant.quantized_weights(model))[:7]  # layer 0: every projection shape of the model
+    before = {n: model.get_parameter(n).data for n in names}
+    gen = torch.Generator().manual_seed(9)
+    after = {n: w + 3e-3 * torch.randn(w.shape, generator=gen) * (torch.rand(w.shape, generator=gen) < 0.5)
+             for n, w in before.items()}
+    cert = quant.check(before, after, ["nf4", "fp4"], layout=dict.fromkeys(names, False))
+    for qt in ("nf4", "fp4"):
+        expected = [bnb_check(before[n], after[n], qt) for n in names]
+        assert [tuple(cert[qt].per_tensor[n].values()) for n in names] == expected
+        assert cert[qt].flipped > 0 and cert[qt].collateral > 0
+
+
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
 def test_gguf_formats_match_gguf(fmt):
     gguf = pytest.importorskip("gguf")
@@ -154,6 +170,50 @@ def test_check_counts_match_bitsandbytes(qt, density, dtype):
     assert c.per_tensor["w"]["collateral"] == c.collateral
     assert c.collateral > 0 or density == 1.0  # a dense edit leaves no unchanged weight to flip
     assert c.fraction == pytest.approx(c.flipped / c.changed)
+
+
+def boundary_heavy_edit(qt: str, dtype: torch.dtype, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 300x250 weight (1171 full blocks and a padded tail: the compiled path) and an edit that also puts
+    weights exactly on their block's decision boundaries, where a rounding slip would show."""
+    torch.manual_seed(8)
+    before = (torch.randn(300, 250) * 0.05).to(dtype)
+    after = before.clone()
+    mask = torch.rand(before.shape) < density
+    after[mask] += (torch.randn(int(mask.sum())) * 0.01).to(dtype)
+    blocks = after.view(-1)[: 64 * 200].view(200, 64).float()
+    mids = quant.get_format(qt).midpoints()
+    absmax = blocks.abs().amax(1, keepdim=True)
+    blocks[:, 1:16] = (mids * absmax).to(dtype).float()  # position 0 may hold the absmax: leave it
+    after.view(-1)[: 64 * 200] = blocks.view(-1).to(dtype)
+    return before, after
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("density", [0.01, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_check_counts_match_bitsandbytes(qt, density, dtype):
+    before, after = boundary_heavy_edit(qt, dtype, density)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the compiled kernel ran, no eager fallback
+        c = quant.check({"w": before}, {"w": after}, [qt], layout={"w": False})[qt]
+    assert quant._fused_kernel is not quant._absmax_counts
+    assert (c.changed, c.flipped, c.collateral) == bnb_check(before, after, qt)
+    assert c.flipped > 0
+
+
+def test_check_warns_and_counts_eagerly_when_compiling_fails(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(quant, "_fused_kernel", None)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    before, after = boundary_heavy_edit("nf4", torch.float32, 0.3)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        c = quant.check({"w": before}, {"w": after}, "nf4", layout={"w": False})["nf4"]
+    assert (c.changed, c.flipped, c.collateral) == bnb_check(before, after, "nf4")
+    assert quant._fused_kernel is quant._absmax_counts
 
 
 def test_check_sparse_and_dense_paths_agree_for_every_format():
