@@ -1,6 +1,6 @@
 """Time `mansu.quant.check` on the embedded model against bitsandbytes quantizing the same weights once.
 
-    python benchmarks/bench_check.py [--repeats 3] [--format nf4]
+    python benchmarks/bench_check.py [--repeats 3] [--format nf4] [--dtype float32]
 
 Side by side in one run (best of --repeats, to ride out a busy machine): a memory copy of the quantized
 weights, bitsandbytes `quantize_4bit` over all of them, `check` of a dense edit (every weight changed)
@@ -33,19 +33,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--format", default="nf4")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     import bitsandbytes.functional as bnbf
 
     model, _ = mansu.load_model()
     layout = quant.quantized_weights(model)
-    before = {k: v for k, v in model.state_dict().items() if k in layout}
+    dtype = getattr(torch, args.dtype)
+    before = {k: v.to(dtype) for k, v in model.state_dict().items() if k in layout}
     n = sum(v.numel() for v in before.values())
     gen = torch.Generator().manual_seed(0)
-    dense = {k: v + 1e-4 * torch.randn(v.shape, generator=gen) for k, v in before.items()}
+    dense = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in before.items()}
     sparse = {k: v.clone() for k, v in before.items()}
     for v in sparse.values():
         v[:2] += 1e-2  # two output rows per matrix, as a circuit edit touches a few heads/neurons
-    n_sparse = sum(int((sparse[k] != before[k]).sum()) for k in before)
+    n_dense, n_sparse = (sum(int((edit[k] != before[k]).sum()) for k in before) for edit in (dense, sparse))
     qt = args.format.removesuffix("-dq")
 
     t_copy = best_of(lambda: [v.clone() for v in before.values()], args.repeats)
@@ -54,11 +56,12 @@ def main() -> None:
     t_dense = best_of(lambda: quant.check(before, dense, args.format, layout=layout), args.repeats)
     t_sparse = best_of(lambda: quant.check(before, sparse, args.format, layout=layout), args.repeats)
 
-    print(f"{len(layout)} quantized weights, {n / 1e6:.1f}M values; threads {torch.get_num_threads()}; format {args.format}")
+    print(f"{len(layout)} quantized weights, {n / 1e6:.1f}M values, {args.dtype}; threads {torch.get_num_threads()}; "
+          f"format {args.format}")
     print(f"{'what':<36} {'seconds':>8} {'x bnb':>7}")
     for what, t in [("memory copy", t_copy), (f"bitsandbytes quantize_4bit ({qt})", t_bnb),
                     ("check, dense edit, first call", t_first),
-                    ("check, dense edit (100% changed)", t_dense),
+                    (f"check, dense edit ({100 * n_dense / n:.2f}% changed)", t_dense),
                     (f"check, sparse edit ({100 * n_sparse / n:.2f}% changed)", t_sparse)]:
         print(f"{what:<36} {t:>8.3f} {t / t_bnb:>7.2f}")
     print(f"targets: dense <= 1.00x ({'met' if t_dense <= t_bnb else 'MISSED'}), "

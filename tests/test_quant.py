@@ -81,7 +81,8 @@ def test_embedded_model_codes_match_bitsandbytes(embedded):
 
 
 @pytest.mark.slow
-def test_check_of_the_embedded_model_matches_bitsandbytes(embedded):
+def test_check_of_the_embedded_model_matches_bitsandbytes(embedded, monkeypatch):
+    calls = spy_on_fused_kernel(monkeypatch)  # the compiled path, on 7 of the model's weights
     model, _ = embedded
     names = list(quant.quantized_weights(model))[:7]  # layer 0: every projection shape of the model
     before = {n: model.get_parameter(n).data for n in names}
@@ -93,6 +94,7 @@ def test_check_of_the_embedded_model_matches_bitsandbytes(embedded):
         expected = [bnb_check(before[n], after[n], qt) for n in names]
         assert [tuple(cert[qt].per_tensor[n].values()) for n in names] == expected
         assert cert[qt].flipped > 0 and cert[qt].collateral > 0
+    assert len(calls) == 14
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
@@ -188,15 +190,29 @@ def boundary_heavy_edit(qt: str, dtype: torch.dtype, density: float) -> tuple[to
     return before, after
 
 
+def spy_on_fused_kernel(monkeypatch) -> list[int]:
+    """Lower the fused kernel's threshold to test sizes; returns the row counts it is called with."""
+    calls, kernel = [], quant._fused_absmax_counts
+
+    def spy(b, a, mids):
+        calls.append(len(b))
+        return kernel(b, a, mids)
+
+    monkeypatch.setattr(quant, "_FUSED_MIN_BLOCKS", 100)
+    monkeypatch.setattr(quant, "_fused_absmax_counts", spy)
+    return calls
+
+
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])
 @pytest.mark.parametrize("density", [0.01, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_check_counts_match_bitsandbytes(qt, density, dtype):
+def test_compiled_check_counts_match_bitsandbytes(qt, density, dtype, monkeypatch):
+    calls = spy_on_fused_kernel(monkeypatch)
     before, after = boundary_heavy_edit(qt, dtype, density)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the compiled kernel ran, no eager fallback
         c = quant.check({"w": before}, {"w": after}, [qt], layout={"w": False})[qt]
-    assert quant._fused_kernel is not quant._absmax_counts
+    assert calls and quant._fused_kernel is not quant._absmax_counts
     assert (c.changed, c.flipped, c.collateral) == bnb_check(before, after, qt)
     assert c.flipped > 0
 
@@ -210,10 +226,14 @@ def test_check_warns_and_counts_eagerly_when_compiling_fails(monkeypatch):
     monkeypatch.setattr(quant, "_fused_kernel", None)
     monkeypatch.setattr(torch, "compile", broken_compile)
     before, after = boundary_heavy_edit("nf4", torch.float32, 0.3)
+    small = quant.check({"w": before}, {"w": after}, "nf4", layout={"w": False})["nf4"]  # under the threshold
+    assert quant._fused_kernel is None  # ... so the compiler was not touched
+    calls = spy_on_fused_kernel(monkeypatch)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         c = quant.check({"w": before}, {"w": after}, "nf4", layout={"w": False})["nf4"]
-    assert (c.changed, c.flipped, c.collateral) == bnb_check(before, after, "nf4")
-    assert quant._fused_kernel is quant._absmax_counts
+    assert (c.changed, c.flipped, c.collateral) == (small.changed, small.flipped, small.collateral) \
+        == bnb_check(before, after, "nf4")
+    assert calls and quant._fused_kernel is quant._absmax_counts
 
 
 def test_check_sparse_and_dense_paths_agree_for_every_format():

@@ -195,13 +195,14 @@ def parse_formats(spec: str | Sequence[str | Format]) -> list[Format]:
 
 # ----------------------------------------------------------------------------- tensors <-> blocks
 
-def to_blocks(w: Tensor, fmt: Format) -> tuple[Tensor, bool]:
-    """A weight (in quantized layout) as fp32 [blocks, blocksize], zero-padded; and whether a tail was padded."""
+def to_blocks(w: Tensor, fmt: Format, dtype: torch.dtype | None = torch.float32) -> tuple[Tensor, bool]:
+    """A weight (in quantized layout) as [blocks, blocksize] in `dtype` (None: w's own), zero-padded; and
+    whether a tail was padded."""
     if fmt.blocksize == 0:
-        return w.reshape(-1, w.shape[-1]).float(), False
+        return w.reshape(-1, w.shape[-1]).to(dtype or w.dtype), False
     if fmt.blocksize == 32 and w.shape[-1] % 32:  # gguf blocks run along rows
         raise MansuError(f"{fmt.name} needs rows that are a multiple of 32 long, got shape {tuple(w.shape)}")
-    flat = w.reshape(-1).float()
+    flat = w.reshape(-1).to(dtype or w.dtype)
     rem = flat.numel() % fmt.blocksize
     if rem:
         flat = torch.nn.functional.pad(flat, (0, fmt.blocksize - rem))
@@ -402,7 +403,9 @@ def _absmax_counts(b: Tensor, a: Tensor, mids: Tensor) -> Tensor:
     return _counts(b, a, codes(b), codes(a))
 
 
-_FUSED_MIN_BLOCKS = 1024  # below this many blocks, compiling the fused kernel costs more than it saves
+# A check re-encoding fewer blocks than this (64M weights) runs eagerly: there, compiling (about 3 s, 20 s on a
+# cold cache) would cost more than the fused kernel saves (about 20 ns a weight). See docs/quant.md.
+_FUSED_MIN_BLOCKS = 1 << 20
 _fused_kernel: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
 
@@ -423,12 +426,12 @@ def _fused_absmax_counts(b: Tensor, a: Tensor, mids: Tensor) -> Tensor:
         return _absmax_counts(b, a, mids)
 
 
-def _flip_counts(fmt: Format, b: Tensor, a: Tensor, tail: bool) -> Tensor:
+def _flip_counts(fmt: Format, b: Tensor, a: Tensor, tail: bool, fused: bool) -> Tensor:
     """[changed, flipped, recoded] between blocks `b` and `a`; a padded tail block is the last row."""
     full = len(b) - tail
-    if fmt.absmax_scaled and full >= _FUSED_MIN_BLOCKS:
+    if fused and full > 1:  # torch.compile specialises sizes 0 and 1 (a recompile each): leave them eager
         counts = _fused_absmax_counts(b[:full], a[:full], fmt.midpoints().to(b.device))
-        return counts + _flip_counts(fmt, b[full:], a[full:], True) if tail else counts
+        return counts + _flip_counts(fmt, b[full:], a[full:], True, False) if tail else counts
     eb, ea = fmt.encode_blocks(b, tail), fmt.encode_blocks(a, tail)
     return _counts(b, a, eb.codes, ea.codes)
 
@@ -438,16 +441,22 @@ def _keeps_tail(rows: Tensor, n: int, tail: bool) -> bool:
     return tail and len(rows) > 0 and int(rows[-1]) == n - 1
 
 
-def _check_tensor(fmt: Format, before: Tensor, after: Tensor, gen: torch.Generator) -> tuple[int, int, int, Tensor]:
-    """(changed, flipped, collateral, |update| / bin width for the changed weights of sampled blocks)."""
+def _touched_blocks(fmt: Format, before: Tensor, after: Tensor) -> Tensor:
+    """Indices of the blocks in which an edit changed at least one weight: only they can change a code."""
     if before.shape != after.shape:
         raise MansuError(f"shape mismatch: {tuple(before.shape)} vs {tuple(after.shape)}")
-    b, tail = to_blocks(before, fmt)
-    a, _ = to_blocks(after, fmt)
-    touched = (b != a).any(1).nonzero()[:, 0]
-    if len(touched) < len(b):  # only blocks an edit touches can change a code
+    return to_blocks(before != after, fmt, None)[0].any(1).nonzero()[:, 0]
+
+
+def _check_tensor(fmt: Format, before: Tensor, after: Tensor, touched: Tensor, fused: bool,
+                  gen: torch.Generator) -> tuple[int, int, int, Tensor]:
+    """(changed, flipped, collateral, |update| / bin width for the changed weights of sampled blocks)."""
+    b, tail = to_blocks(before, fmt, None)
+    a, _ = to_blocks(after, fmt, None)
+    if len(touched) < len(b):  # select before converting: a sparse edit converts only its blocks
         b, a, tail = b[touched], a[touched], _keeps_tail(touched, len(b), tail)
-    changed, flipped, recoded = _flip_counts(fmt, b, a, tail).tolist()
+    b, a = b.float(), a.float()
+    changed, flipped, recoded = _flip_counts(fmt, b, a, tail, fused).tolist()
     # The ratio distribution is estimated on a random sample of touched blocks (all of them for small edits).
     rows = torch.randperm(len(b), generator=gen)[: 64 + len(b) // 128].sort().values
     bs, as_ = b[rows], a[rows]
@@ -479,9 +488,11 @@ def check(
     out = {}
     for fmt in parse_formats(formats):
         per_tensor, ratios, totals = {}, [], [0, 0, 0]
-        for name, transposed in lay.items():
-            counts = _check_tensor(fmt, quantized_layout(sb[name], transposed),
-                                   quantized_layout(sa[name], transposed), gen)
+        pairs = {n: (quantized_layout(sb[n], t), quantized_layout(sa[n], t)) for n, t in lay.items()}
+        touched = {n: _touched_blocks(fmt, *pair) for n, pair in pairs.items()}
+        fused = fmt.absmax_scaled and sum(map(len, touched.values())) >= _FUSED_MIN_BLOCKS
+        for name, (weight_before, weight_after) in pairs.items():
+            counts = _check_tensor(fmt, weight_before, weight_after, touched[name], fused, gen)
             if counts[0] or counts[2]:
                 per_tensor[name] = dict(zip(("changed", "flipped", "collateral"), counts[:3]))
             totals = [t + c for t, c in zip(totals, counts[:3])]
