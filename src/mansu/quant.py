@@ -68,12 +68,17 @@ def _absmax(blocks: Tensor) -> Tensor:
     return torch.maximum(blocks.amax(1), -blocks.amin(1))  # two reductions beat abs() + amax on CPU
 
 
-def _bins(blocks: Tensor, absmax: Tensor, tail: bool, mids: Tensor) -> Tensor:
+def _scaled(blocks: Tensor, absmax: Tensor, tail: bool) -> Tensor:
+    """Blocks divided by their absmax, rounded exactly as bitsandbytes rounds them."""
     safe = absmax.clamp(min=1e-38)
     scaled = blocks * (1.0 / safe)[:, None]  # bitsandbytes multiplies by the reciprocal ...
     if tail:
         scaled[-1] = blocks[-1] / safe[-1]  # ... but divides in a partial last block
-    return torch.bucketize(scaled, mids, out_int32=True)
+    return scaled
+
+
+def _bins(blocks: Tensor, absmax: Tensor, tail: bool, mids: Tensor) -> Tensor:
+    return torch.bucketize(_scaled(blocks, absmax, tail), mids, out_int32=True)
 
 
 def _encode_4bit(levels: tuple[float, ...]) -> Callable[[Tensor, bool], Encoded]:
@@ -394,7 +399,7 @@ def _absmax_counts(b: Tensor, a: Tensor, mids: Tensor) -> Tensor:
     """`_counts` for an absmax-scaled format over full blocks, written so that torch.compile fuses it into one
     pass: a code is the number of boundaries below the scaled value, which is what `torch.bucketize` returns."""
     def codes(x: Tensor) -> Tensor:
-        scaled = x * (1.0 / _absmax(x).clamp(min=1e-38))[:, None]
+        scaled = _scaled(x, _absmax(x), tail=False)
         code = (scaled > mids[0]).to(torch.int32)  # int32: int8 sums compile to slow conversions
         for i in range(1, len(mids)):
             code = code + (scaled > mids[i]).to(torch.int32)
