@@ -35,6 +35,10 @@ def tiny_config(arch: str, vocab_size: int):
 
 ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
 
+# Devices the device tests (marked `device`) run on: "meta" always, since it exposes constants made on the
+# CPU without a GPU; "cuda" where one is present (scripts/gpu_check.py runs `pytest -m device` there).
+DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
