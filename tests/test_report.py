@@ -54,7 +54,7 @@ def test_table_and_plot_from_reports(tmp_path, tiny_dir):
         out = tmp_path / f"{method}.json"
         assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", retain, "--method", method,
                      "--out", str(out)]) == 0
-        reports.append(RunReport(**json.loads(out.read_text())))
+        reports.append(RunReport.from_json(out))
     table = comparison_table(reports)
     assert "ga" in table and "mansu" in table and "PTQ gap nf4" in table
     png = plot_update_ratios(reports, tmp_path / "plot.png")

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from .errors import MansuError
 
 METHODS = ("mansu", "ga", "graddiff", "npo")
+DEMO_FILES = ("forget.jsonl", "retain.jsonl", "graddiff.json", "mansu.json", "table.txt", "update_ratios.png")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -19,6 +18,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     items = mansu.load_items(args.items)  # validate the cheap input before loading a model
     formats = [f for f in args.formats.split(",") if f]
+    if args.out:
+        mansu.files.claim(args.out)
     model, tokenizer = mansu.load_model(args.model, dtype=args.dtype)
     results = evaluate_formats(model, tokenizer, items, formats, batch_size=args.batch_size)
     for name, r in results.items():
@@ -31,9 +32,12 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from mansu.files import claim
     from mansu.models import resolve_model_path
     from mansu.quant import check
 
+    if args.json:
+        claim(args.json)
     certificate = check(resolve_model_path(args.before), resolve_model_path(args.after), args.format.split(","))
     print(certificate.table())
     if args.json:
@@ -46,12 +50,14 @@ def _run(args: argparse.Namespace) -> None:
     from mansu.report import run
 
     forget, retain = mansu.load_items(args.forget), mansu.load_items(args.retain)
+    mansu.data.check_disjoint(forget, retain)
+    mansu.files.claim(args.out)  # every output path is checked before the long work, not after it
+    if args.save:
+        mansu.models.claim_model_dir(args.save)
     if args.method == "mansu":
         config = mansu.MansuConfig(seed=args.seed)
     else:
         config = mansu.BaselineConfig(method=args.method, seed=args.seed)
-    if Path(args.out).is_dir():
-        raise MansuError(f"--out {args.out} is a directory; give a file name for the JSON report")
     model, tokenizer = mansu.load_model(args.model)
     report = run(model, tokenizer, forget, retain, config, args.model, args.formats.split(","), save=args.save)
     report.save_json(args.out)
@@ -63,10 +69,10 @@ def _demo(args: argparse.Namespace) -> None:
     import mansu
     from mansu.report import RunReport, comparison_table, plot_update_ratios
 
-    out = Path(args.out_dir)
+    out = mansu.files.claim_folder(args.out_dir, DEMO_FILES)  # new, or a previous demo's: never the user's
     forget, retain = mansu.split(mansu.load_bundled("capitals"), 10, seed=0)
     for name, items in (("forget", forget), ("retain", retain)):
-        mansu.data.write_jsonl(out / f"{name}.jsonl", items)
+        mansu.data.write_jsonl(out / f"{name}.jsonl", items, replace=True)
     print(f"demo: forget {len(forget)} capitals, retain {len(retain)}, on {mansu.EMBEDDED_MODEL}; "
           f"each method runs in its own process so its peak memory is its own")
     reports = []
@@ -77,10 +83,10 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"\n== {method}: {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise MansuError(f"the {method} run failed (see its message above)")
-        reports.append(RunReport(**json.loads(path.read_text())))
+        reports.append(RunReport.from_json(path))
     table = comparison_table(reports)
     plot = plot_update_ratios(reports, out / "update_ratios.png")
-    mansu.files.write_text(out / "table.txt", table + "\n")
+    mansu.files.write_text(out / "table.txt", table + "\n", replace=True)
     print("\n" + table)
     print(f"\nwrote {out}/graddiff.json, {out}/mansu.json, {out}/table.txt and {plot}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,9 +34,12 @@ class Item:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise MansuError(f"item field {name!r} must be a non-empty string, got {value!r}")
+            _check_unicode(value, name)
         if self.choices is not None:
             if isinstance(self.choices, str) or not all(isinstance(c, str) and c.strip() for c in self.choices):
                 raise MansuError(f"item 'choices' must be a list of non-empty strings, got {self.choices!r}")
+            for choice in self.choices:
+                _check_unicode(choice, "choices")
             object.__setattr__(self, "choices", tuple(self.choices))
             if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices):
                 raise MansuError(f"item 'choices' needs at least 2 distinct strings, got {list(self.choices)}")
@@ -53,9 +57,20 @@ class Item:
         return out
 
 
+def _check_unicode(text: str, name: str) -> None:
+    """Refuse text a tokenizer cannot encode (JSON allows lone surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MansuError(f"item field {name!r} holds invalid Unicode (a lone surrogate): {text!r}") from None
+
+
 def continuation(prompt: str, answer: str) -> str:
     """The text appended to `prompt`: the answer after one space (none if the prompt ends in one)."""
     return answer if prompt.endswith((" ", "\n")) else " " + answer
+
+
+_FIELDS = ("prompt", "answer", "choices")
 
 
 def _item_from(record: Any, where: str) -> Item:
@@ -66,10 +81,32 @@ def _item_from(record: Any, where: str) -> Item:
     missing = [k for k in ("prompt", "answer") if k not in record]
     if missing:
         raise MansuError(f"{where}: missing field(s) {missing}; an item needs 'prompt' and 'answer'")
+    unknown = sorted(str(k) for k in record if k not in _FIELDS)
+    if unknown:  # a misspelt 'choices' would otherwise silently turn multiple choice off
+        raise MansuError(f"{where}: unknown field(s) {unknown}; an item has {list(_FIELDS)}")
+    choices = record.get("choices")
+    if choices is not None and not isinstance(choices, (list, tuple)):
+        raise MansuError(f"{where}: 'choices' must be a list of strings, got {type(choices).__name__}")
     try:
-        return Item(record["prompt"], record["answer"], record.get("choices"))
+        return Item(record["prompt"], record["answer"], choices)
     except MansuError as err:
         raise MansuError(f"{where}: {err}") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(number, text) of each line of a UTF-8 file (a BOM is skipped; \\n, \\r\\n and \\r all end a line); a
+    line that is not UTF-8 is an error naming it, never a guessed decoding."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise MansuError(f"{path} is UTF-16 text; save it as UTF-8")
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    # JSON escapes line breaks inside strings, so every raw \r or \n ends a line.
+    for number, raw in enumerate(re.split(rb"\r\n|\r|\n", data), 1):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MansuError(f"{path}:{number}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                             "save the file as UTF-8") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Item]:
@@ -78,18 +115,27 @@ def read_jsonl(path: str | os.PathLike) -> list[Item]:
     if not path.is_file():
         raise MansuError(f"no such data file: {path}")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MansuError(f"{path}:{number}: malformed JSON ({err.msg})") from None
-            items.append(_item_from(record, f"{path}:{number}"))
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as err:  # ValueError: also a number too long to convert
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err) or type(err).__name__
+            raise MansuError(f"{path}:{number}: malformed JSON ({reason})") from None
+        items.append(_item_from(record, f"{path}:{number}"))
     if not items:
         raise MansuError(f"{path} holds no items")
     return items
+
+
+def check_disjoint(forget: Sequence[Item], retain: Sequence[Item]) -> None:
+    """Refuse an item that is both to be forgotten and kept (the same prompt in both sets)."""
+    shared = {it.prompt.strip() for it in forget} & {it.prompt.strip() for it in retain}
+    if shared:
+        example = sorted(shared)[0]
+        raise MansuError(f"{len(shared)} prompt(s) are in both the forget and the retain set, e.g. {example!r}; "
+                         "an item cannot be forgotten and kept at once: remove it from one of them")
 
 
 def load_items(source: str | os.PathLike | Iterable[Any]) -> list[Item]:
@@ -104,11 +150,12 @@ def load_items(source: str | os.PathLike | Iterable[Any]) -> list[Item]:
     return items
 
 
-def write_jsonl(path: str | os.PathLike, items: Sequence[Item]) -> Path:
-    """Write items as JSON lines, atomically (the format `read_jsonl` reads)."""
+def write_jsonl(path: str | os.PathLike, items: Sequence[Item], replace: bool = False) -> Path:
+    """Write items as JSON lines, atomically (the format `read_jsonl` reads); an existing file only if
+    `replace` (see `mansu.files.claim`)."""
     from .files import write_text
 
-    return write_text(path, "".join(json.dumps(it.to_dict()) + "\n" for it in items))
+    return write_text(path, "".join(json.dumps(it.to_dict()) + "\n" for it in items), replace)
 
 
 def bundled_sets() -> list[str]:

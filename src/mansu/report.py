@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import torch
 
 from .data import Item
-from .files import atomic_write
+from . import __version__
+from .files import WRITTEN_BY, atomic_write, read_json
 from .results import Result
 
 
@@ -79,6 +80,11 @@ class RunReport(Result):
     config: dict[str, Any] = field(default_factory=dict)
     update_ratio_sample: list[float] = field(default_factory=list)  # |update| / NF4 bin width, for the plot
 
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "RunReport":
+        """A report saved by `save_json` (e.g. by `mansu run --out`)."""
+        return cls(**read_json(path))
+
     def summary(self) -> dict[str, Any]:
         fmt = self.formats[0] if self.formats else None
         out = {"method": self.method, "forget_full": self.after["full"]["forget_acc"],
@@ -129,10 +135,12 @@ def plot_update_ratios(reports: Sequence[RunReport], path: str | os.PathLike) ->
     ax.set_xlabel("log10(|update| / NF4 bin width)  per changed weight")
     ax.set_ylabel("density")
     ax.set_title("Edit size per changed weight, in NF4 bin widths", fontsize=11)
-    ax.legend(loc="upper left", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no edit changed a weight: nothing to label
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        mark = {"Software": f"{WRITTEN_BY} {__version__}"}  # lets a later run know it may replace this file
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata=mark))
     finally:
         plt.close(fig)
 
