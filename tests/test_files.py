@@ -23,6 +23,15 @@ def tiny(tokenizer):
     return make_tiny("llama", tokenizer), tokenizer
 
 
+@pytest.fixture
+def saved(tmp_path, tiny):
+    """A model saved by mansu at tmp_path/edited, with a file of the user's beside it."""
+    target = tmp_path / "edited"
+    mansu.save_model(*tiny, target)
+    (target / "notes.md").write_text("mine")
+    return target
+
+
 def test_save_into_new_and_empty_directories_loads_back(tmp_path, tiny):
     for target in (tmp_path / "new" / "model", tmp_path / "empty"):
         if target.name == "empty":
@@ -63,10 +72,7 @@ def test_save_over_a_previous_save_replaces_only_model_files(tmp_path, tiny, tok
     assert [p.name for p in tmp_path.iterdir()] == ["edited"]
 
 
-def test_save_refuses_to_replace_a_user_file_with_a_model_file_name(tmp_path, tiny, monkeypatch):
-    target = tmp_path / "edited"
-    mansu.save_model(*tiny, target)
-    (target / "notes.md").write_text("mine")
+def test_save_refuses_to_replace_a_user_file_with_a_model_file_name(tmp_path, tiny, saved, monkeypatch):
     real = tiny[1].save_pretrained
 
     def also_writes_notes(directory, **kwargs):  # as if a tokenizer wrote a file the user has too
@@ -77,14 +83,11 @@ def test_save_refuses_to_replace_a_user_file_with_a_model_file_name(tmp_path, ti
     monkeypatch.setattr(tiny[1], "save_pretrained", also_writes_notes)
     before = snapshot(tmp_path)
     with pytest.raises(mansu.MansuError, match="notes.md"):
-        mansu.save_model(*tiny, target)
+        mansu.save_model(*tiny, saved)
     assert snapshot(tmp_path) == before
 
 
-def test_a_save_interrupted_while_writing_leaves_the_previous_model_whole(tmp_path, tiny, monkeypatch):
-    target = tmp_path / "edited"
-    mansu.save_model(*tiny, target)
-    (target / "notes.txt").write_text("mine")
+def test_a_save_interrupted_while_writing_leaves_the_previous_model_whole(tmp_path, tiny, saved, monkeypatch):
     before = snapshot(tmp_path)
 
     def crash(directory, **kwargs):
@@ -93,15 +96,12 @@ def test_a_save_interrupted_while_writing_leaves_the_previous_model_whole(tmp_pa
 
     monkeypatch.setattr(tiny[0], "save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
-        mansu.save_model(*tiny, target)
+        mansu.save_model(*tiny, saved)
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("fail_at", [1, 3, 6])
-def test_a_save_interrupted_while_swapping_files_is_undone(tmp_path, tiny, monkeypatch, fail_at):
-    target = tmp_path / "edited"
-    mansu.save_model(*tiny, target)
-    (target / "notes.txt").write_text("mine")
+def test_a_save_interrupted_while_swapping_files_is_undone(tmp_path, tiny, saved, monkeypatch, fail_at):
     before = snapshot(tmp_path)
     real, calls = os.replace, []
 
@@ -113,7 +113,7 @@ def test_a_save_interrupted_while_swapping_files_is_undone(tmp_path, tiny, monke
 
     monkeypatch.setattr(models.os, "replace", flaky_replace)
     with pytest.raises(KeyboardInterrupt):
-        mansu.save_model(*tiny, target)
+        mansu.save_model(*tiny, saved)
     assert len(calls) >= fail_at
     assert snapshot(tmp_path) == before
 
