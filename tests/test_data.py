@@ -108,3 +108,17 @@ def test_check_disjoint_names_the_shared_prompt(capitals):
     mansu.data.check_disjoint(forget, retain)
     with pytest.raises(mansu.MansuError, match=r"1 prompt\(s\) are in both.*" + forget[0].prompt):
         mansu.data.check_disjoint(forget, retain + forget[:1])
+
+
+def test_paraphrases_round_trip_and_ask_the_same_fact(tmp_path):
+    record = {"prompt": "The capital of France is", "answer": "Paris", "choices": ["Paris", "Rome"],
+              "paraphrases": ["Q: What is the capital of France?\nA:", "France's capital city is"]}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (item,) = read_jsonl(path)
+    assert item.to_dict() == record and Item(**record) == item
+    assert [(p.prompt, p.answer, p.choices) for p in item.paraphrased()] == [
+        (prompt, "Paris", ("Paris", "Rome")) for prompt in record["paraphrases"]]
+    for bad in ("France's capital is", [""], [3]):
+        with pytest.raises(mansu.MansuError, match="paraphrases"):
+            load_items([record | {"paraphrases": bad}])

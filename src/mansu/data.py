@@ -23,11 +23,13 @@ _BUNDLE = "mansu.datasets"
 
 @dataclass(frozen=True)
 class Item:
-    """One cloze fact: `prompt` continued by `answer`; `choices` (containing `answer`) for MC scoring."""
+    """One cloze fact: `prompt` continued by `answer`; `choices` (containing `answer`) for MC scoring;
+    `paraphrases`: other prompts asking the same fact (same answer and choices), to probe forgetting with."""
 
     prompt: str
     answer: str
     choices: tuple[str, ...] | None = None
+    paraphrases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("prompt", "answer"):
@@ -45,6 +47,11 @@ class Item:
                 raise MansuError(f"item 'choices' needs at least 2 distinct strings, got {list(self.choices)}")
             if self.answer not in self.choices:
                 raise MansuError(f"answer {self.answer!r} is not among its choices {list(self.choices)}")
+        if isinstance(self.paraphrases, str) or not all(isinstance(p, str) and p.strip() for p in self.paraphrases):
+            raise MansuError(f"item 'paraphrases' must be a list of non-empty strings, got {self.paraphrases!r}")
+        for paraphrase in self.paraphrases:
+            _check_unicode(paraphrase, "paraphrases")
+        object.__setattr__(self, "paraphrases", tuple(self.paraphrases))
 
     @property
     def continuation(self) -> str:
@@ -54,7 +61,13 @@ class Item:
         out: dict[str, Any] = {"prompt": self.prompt, "answer": self.answer}
         if self.choices is not None:
             out["choices"] = list(self.choices)
+        if self.paraphrases:
+            out["paraphrases"] = list(self.paraphrases)
         return out
+
+    def paraphrased(self) -> list["Item"]:
+        """The item asked with each of its paraphrases instead of its prompt."""
+        return [Item(p, self.answer, self.choices) for p in self.paraphrases]
 
 
 def _check_unicode(text: str, name: str) -> None:
@@ -70,7 +83,7 @@ def continuation(prompt: str, answer: str) -> str:
     return answer if prompt.endswith((" ", "\n")) else " " + answer
 
 
-_FIELDS = ("prompt", "answer", "choices")
+_FIELDS = ("prompt", "answer", "choices", "paraphrases")
 
 
 def _item_from(record: Any, where: str) -> Item:
@@ -84,11 +97,11 @@ def _item_from(record: Any, where: str) -> Item:
     unknown = sorted(str(k) for k in record if k not in _FIELDS)
     if unknown:  # a misspelt 'choices' would otherwise silently turn multiple choice off
         raise MansuError(f"{where}: unknown field(s) {unknown}; an item has {list(_FIELDS)}")
-    choices = record.get("choices")
-    if choices is not None and not isinstance(choices, (list, tuple)):
-        raise MansuError(f"{where}: 'choices' must be a list of strings, got {type(choices).__name__}")
+    for name in ("choices", "paraphrases"):
+        if record.get(name) is not None and not isinstance(record[name], (list, tuple)):
+            raise MansuError(f"{where}: {name!r} must be a list of strings, got {type(record[name]).__name__}")
     try:
-        return Item(record["prompt"], record["answer"], choices)
+        return Item(record["prompt"], record["answer"], record.get("choices"), record.get("paraphrases") or ())
     except MansuError as err:
         raise MansuError(f"{where}: {err}") from None
 
