@@ -105,9 +105,12 @@ def test_odd_files_read_correctly_or_fail_naming_file_and_line(tmp_path):
 
 def test_check_disjoint_names_the_shared_prompt(capitals):
     forget, retain = split(capitals, 5, seed=0)
-    mansu.data.check_disjoint(forget, retain)
-    with pytest.raises(mansu.MansuError, match=r"1 prompt\(s\) are in both.*" + forget[0].prompt):
-        mansu.data.check_disjoint(forget, retain + forget[:1])
+    mansu.data.check_disjoint(forget=forget, retain=retain, utility=None)
+    with pytest.raises(mansu.MansuError, match=r"1 prompt\(s\) are in both the forget and the retain.*"
+                       + forget[0].prompt):
+        mansu.data.check_disjoint(forget=forget, retain=retain + forget[:1])
+    with pytest.raises(mansu.MansuError, match="both the retain and the utility set"):
+        mansu.data.check_disjoint(forget=forget, retain=retain, utility=retain[:2])
 
 
 def test_paraphrases_round_trip_and_ask_the_same_fact(tmp_path):

@@ -50,7 +50,8 @@ def _run(args: argparse.Namespace) -> None:
     from mansu.report import run
 
     forget, retain = mansu.load_items(args.forget), mansu.load_items(args.retain)
-    mansu.data.check_disjoint(forget, retain)
+    utility = mansu.load_items(args.utility) if args.utility else None
+    mansu.data.check_disjoint(forget=forget, retain=retain, utility=utility)
     mansu.files.claim(args.out)  # every output path is checked before the long work, not after it
     if args.save:
         mansu.models.claim_model_dir(args.save)
@@ -59,7 +60,8 @@ def _run(args: argparse.Namespace) -> None:
     else:
         config = mansu.BaselineConfig(method=args.method, seed=args.seed)
     model, tokenizer = mansu.load_model(args.model)
-    report = run(model, tokenizer, forget, retain, config, args.model, args.formats.split(","), save=args.save)
+    report = run(model, tokenizer, forget, retain, config, args.model, args.formats.split(","), save=args.save,
+                 utility=utility, relearn=args.relearn)
     report.save_json(args.out)
     print(report)
     print(f"wrote {args.out}" + (f" and the model to {args.save}" if args.save else ""))
@@ -79,7 +81,8 @@ def _demo(args: argparse.Namespace) -> None:
     for method in ("graddiff", "mansu"):
         path = out / f"{method}.json"
         cmd = [sys.executable, "-m", "mansu", "run", "--method", method, "--forget", str(out / "forget.jsonl"),
-               "--retain", str(out / "retain.jsonl"), "--out", str(path), "--formats", "nf4", "--seed", str(args.seed)]
+               "--retain", str(out / "retain.jsonl"), "--out", str(path), "--formats", "nf4", "--seed", str(args.seed),
+               "--relearn"]
         print(f"\n== {method}: {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise MansuError(f"the {method} run failed (see its message above)")
@@ -110,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--formats", default="nf4", help="comma-separated: nf4,nf4-dq,fp4,int8,q4_0,q4_1,q8_0")
     run.add_argument("--out", required=True, help="the JSON report (written atomically)")
     run.add_argument("--save", help="also save the edited model here (a normal Hugging Face directory)")
+    run.add_argument("--utility", help="JSONL items the edit never sees, scored before and after (default: the "
+                                       "bundled sets sharing no prompt with forget and retain)")
+    run.add_argument("--relearn", action="store_true",
+                     help="also attack the edit: fine-tune on half the forget set, score the other half")
     run.set_defaults(func=_run)
 
     ev = sub.add_parser("eval", help="cloze multiple-choice accuracy of a model on an item set")

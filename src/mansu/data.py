@@ -5,6 +5,7 @@ as lm-evaluation-harness does); `choices`, when given, are the candidates for mu
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -142,13 +143,15 @@ def read_jsonl(path: str | os.PathLike) -> list[Item]:
     return items
 
 
-def check_disjoint(forget: Sequence[Item], retain: Sequence[Item]) -> None:
-    """Refuse an item that is both to be forgotten and kept (the same prompt in both sets)."""
-    shared = {it.prompt.strip() for it in forget} & {it.prompt.strip() for it in retain}
-    if shared:
-        example = sorted(shared)[0]
-        raise MansuError(f"{len(shared)} prompt(s) are in both the forget and the retain set, e.g. {example!r}; "
-                         "an item cannot be forgotten and kept at once: remove it from one of them")
+def check_disjoint(**sets: Sequence[Item] | None) -> None:
+    """Refuse a prompt in two of the named sets (e.g. `forget=..., retain=..., utility=...`; None skips one):
+    an item cannot be forgotten and kept, and utility must be what the edit never touches."""
+    prompts = {name: {it.prompt.strip() for it in items} for name, items in sets.items() if items is not None}
+    for (a, pa), (b, pb) in itertools.combinations(prompts.items(), 2):
+        shared = pa & pb
+        if shared:
+            raise MansuError(f"{len(shared)} prompt(s) are in both the {a} and the {b} set, e.g. "
+                             f"{sorted(shared)[0]!r}; remove it from one of them")
 
 
 def load_items(source: str | os.PathLike | Iterable[Any]) -> list[Item]:

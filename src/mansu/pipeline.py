@@ -105,7 +105,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     config = config or MansuConfig()
     if not forget or not retain:
         raise MansuError("unlearning needs a non-empty forget set and a non-empty retain set")
-    check_disjoint(forget, retain)
+    check_disjoint(forget=forget, retain=retain)
     if isinstance(config, BaselineConfig):
         return _baseline(model, tokenizer, forget, retain, config)
     if not isinstance(config, MansuConfig):
