@@ -58,6 +58,15 @@ def build(s: dict[str, Any], dtype: torch.dtype, device: str) -> torch.nn.Module
     return model.eval()
 
 
+def embedded_tokenizer():
+    """The embedded model's tokenizer, padding as mansu's batches expect."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(mansu.models.embedded_model_dir())
+    mansu.models.prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
 def load_items(quick: bool) -> tuple[list[mansu.Item], list[mansu.Item]]:
     """The demo split (10 forget capitals, 59 retain); quick mode keeps 4 and 8 of them."""
     forget, retain = mansu.split(mansu.load_bundled("capitals"), 10, seed=0)
@@ -71,6 +80,7 @@ class Meter:
         self.cuda = torch.device(device).type == "cuda"
 
     def start(self) -> None:
+        """Reset the peak and the clock."""
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -80,9 +90,11 @@ class Meter:
         self.tick = time.perf_counter()
 
     def peak_mb(self) -> float:
+        """Peak since `start`, MiB: allocated CUDA memory, or the process's resident set on CPU."""
         return torch.cuda.max_memory_allocated() / 2**20 if self.cuda else peak_rss_mb()
 
     def stop(self) -> dict[str, float]:
+        """Seconds, the memory at `start` and the peak since."""
         if self.cuda:
             torch.cuda.synchronize()
         return {"seconds": time.perf_counter() - self.tick, "base_mb": self.base_mb, "peak_mb": self.peak_mb()}
@@ -130,12 +142,9 @@ STAGES: dict[str, Callable[..., dict[str, Any]]] = {
 
 def run_stage(args: argparse.Namespace) -> None:
     """Child process: build the model, run one stage, write its numbers to `--result`."""
-    from transformers import AutoTokenizer
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(mansu.models.embedded_model_dir())
-    mansu.models.prepare_tokenizer(tokenizer)
+    tokenizer = embedded_tokenizer()
     forget, retain = load_items(args.quick)
     model = build(SIZES[args.sizes], mansu.models.resolve_dtype(args.dtype), args.device)
     params = sum(p.numel() for p in model.parameters())
@@ -174,10 +183,12 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None where either is missing."""
     return a / b if a and b else None
 
 
 def num(x: float | None, spec: str = ".1f") -> str:
+    """A table cell: '-' for a missing number."""
     return "-" if x is None else format(x, spec)
 
 

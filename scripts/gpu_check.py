@@ -134,12 +134,11 @@ def accuracies(model, tokenizer, forget, retain) -> dict[str, float]:
 
 def part_unlearn(device: str, quick: bool) -> dict[str, Any]:
     """Unlearn in bf16 on `device`, save, load through transformers' 4-bit path, compare with mansu's NF4."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     forget, retain = mansu.split(mansu.load_bundled("capitals"), 10, seed=0)
     if quick:
-        tokenizer = AutoTokenizer.from_pretrained(mansu.models.embedded_model_dir())
-        mansu.models.prepare_tokenizer(tokenizer)
+        tokenizer = scale.embedded_tokenizer()
         model = scale.build(TINY | {"vocab": len(tokenizer)}, torch.bfloat16, device)
         forget, retain = forget[:4], retain[:8]
         config = mansu.MansuConfig(max_rounds=1, edits_per_round=500, progress=False)
