@@ -39,9 +39,9 @@ import scale  # noqa: E402  (benchmarks/ is not a package)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Seconds per part: full mode on one H100/H200 (7:50 in all; estimates, since no GPU has run this yet: set them
-# from the first run's JSON), and the reduced CPU mode.
-BUDGETS = {"device_tests": (50, 60), "bnb_codes": (35, 60), "check_kernel": (75, 90), "unlearn": (110, 60),
-           "scale": (200, 240)}
+# from the first run's JSON), and the CPU mode, where they only guard against a hang (shared CPUs vary 3x in speed).
+BUDGETS = {"device_tests": (50, 600), "bnb_codes": (35, 600), "check_kernel": (75, 600), "unlearn": (110, 600),
+           "scale": (200, 600)}
 QUICK_PARTS = ("bnb_codes", "check_kernel", "unlearn", "scale")  # the CPU mode leaves the test suite to pytest
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, tied=True)  # vocab: the tokenizer's
 
