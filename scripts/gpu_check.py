@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 import mansu
+from mansu.report import accuracies
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -123,15 +124,6 @@ def part_check_kernel(device: str, quick: bool) -> dict[str, Any]:
     return out
 
 
-def accuracies(model, tokenizer, forget, retain) -> dict[str, float]:
-    """Forget/retain accuracy and mean true-answer probability of one model."""
-    out = {}
-    for split, items in (("forget", forget), ("retain", retain)):
-        r = mansu.evaluate(model, tokenizer, items, progress=False)
-        out |= {f"{split}_acc": r.accuracy, f"{split}_true_prob": r.true_prob}
-    return out
-
-
 def part_unlearn(device: str, quick: bool) -> dict[str, Any]:
     """Unlearn in bf16 on `device`, save, load through transformers' 4-bit path, compare with mansu's NF4."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -146,7 +138,7 @@ def part_unlearn(device: str, quick: bool) -> dict[str, Any]:
         model, tokenizer = mansu.load_model(dtype=torch.bfloat16, device=device)
         config = mansu.MansuConfig(progress=False)
     result = mansu.unlearn(model, tokenizer, forget, retain, config)
-    ours = accuracies(mansu.quantized_copy(model, "nf4"), tokenizer, forget, retain)
+    ours = accuracies(model, tokenizer, forget, retain, ["nf4"])  # full precision and mansu's own NF4 copy
     with tempfile.TemporaryDirectory() as tmp:
         mansu.save_model(model, tokenizer, tmp)
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -155,13 +147,13 @@ def part_unlearn(device: str, quick: bool) -> dict[str, Any]:
     for module in loaded.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False  # bitsandbytes' CPU bf16 speed path is not the format
-    theirs = accuracies(loaded, tokenizer, forget, retain)
-    agree = all(ours[k] == theirs[k] for k in ("forget_acc", "retain_acc"))
-    prob_gap = max(abs(ours[k] - theirs[k]) for k in ("forget_true_prob", "retain_true_prob"))
+    theirs = accuracies(loaded, tokenizer, forget, retain, [])["full"]
+    agree = all(ours["nf4"][k] == theirs[k] for k in ("forget_acc", "retain_acc"))
+    prob_gap = max(abs(ours["nf4"][k] - theirs[k]) for k in ("forget_true_prob", "retain_true_prob"))
     certified = bool(result.certificate and result.certificate.certified)
     ok = agree and certified and (quick or result.converged)  # a 1-round tiny random model need not converge
     return {"ok": ok, "certified": certified, "converged": result.converged, "rounds": len(result.rounds),
-            "edited": result.edited, "true_prob_gap": prob_gap, "full": accuracies(model, tokenizer, forget, retain), "mansu_nf4": ours,
+            "edited": result.edited, "true_prob_gap": prob_gap, "full": ours["full"], "mansu_nf4": ours["nf4"],
             "transformers_4bit": theirs, "timing_s": result.timing_s}
 
 
