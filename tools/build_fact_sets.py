@@ -198,6 +198,7 @@ def candidates(domain: Domain, seed: int = 0) -> list[Item]:
 
 
 def _correct(model: torch.nn.Module, tokenizer, items: list[Item]) -> list[bool]:
+    """Whether the model picks each item's answer among its choices."""
     return mansu.evaluate(model, tokenizer, items, batch_size=64, progress=False).correct
 
 
@@ -208,6 +209,7 @@ def _paraphrases_correct(model: torch.nn.Module, tokenizer, items: list[Item]) -
 
 
 def _rate(flags: list[bool]) -> str:
+    """The share of True, as printed in the table."""
     return f"{sum(flags) / len(flags):.2f}" if flags else "-"
 
 
@@ -240,6 +242,7 @@ def _facts(items: list[Item]) -> list[tuple]:
 
 
 def main(names: list[str]) -> None:
+    """Rebuild the named sets (every set if none) and print their numbers."""
     unknown = sorted(set(names) - set(DOMAINS))
     if unknown:
         raise SystemExit(f"unknown set(s) {unknown}; choose from {list(DOMAINS)}")
@@ -248,9 +251,10 @@ def main(names: list[str]) -> None:
     out = Path(__file__).resolve().parents[1] / "src" / "mansu" / "datasets"
     for name in names or DOMAINS:
         kept = build(name, DOMAINS[name], model, nf4, tokenizer)
-        if DOMAINS[name].frozen and not set(_facts(kept)) <= set(_facts(mansu.load_bundled(name))):
+        path = out / f"{name}.jsonl"
+        if DOMAINS[name].frozen and not set(_facts(kept)) <= set(_facts(mansu.data.read_jsonl(path))):
             raise SystemExit(f"{name} would gain or change items, not only paraphrases; it is frozen: not written")
-        mansu.data.write_jsonl(out / f"{name}.jsonl", kept, replace=True)  # the bundled sets are this tool's own
+        mansu.data.write_jsonl(path, kept, replace=True)  # the bundled sets are this tool's own
 
 
 if __name__ == "__main__":
