@@ -45,13 +45,37 @@ def test_load_items_sources(tmp_path):
 
 
 def test_bundled_sets_are_valid_and_large_enough():
-    assert set(mansu.bundled_sets()) >= {"capitals", "elements", "languages"}
-    for name in mansu.bundled_sets():
+    names = mansu.bundled_sets()
+    assert len(names) >= 6 and {"capitals", "elements", "languages"} <= set(names)
+    for name in names:
         items = mansu.load_bundled(name)
-        assert len(items) >= 20 and all(it.choices and len(it.choices) == 4 for it in items)
+        # every wording of every fact is unique in its set, so no prompt can be both forgotten and retained
+        prompts = [p for it in items for p in (it.prompt, *it.paraphrases)]
+        assert len(items) >= 20 and len(set(prompts)) == len(prompts), name
+        for it in items:
+            assert len(it.choices) == 4 and len(it.paraphrases) >= 2, (name, it)
     assert load_items("capitals") == mansu.load_bundled("capitals")
     with pytest.raises(mansu.MansuError, match="no bundled set"):
         mansu.load_bundled("nope")
+
+
+@pytest.mark.slow
+def test_embedded_model_knows_every_bundled_fact_in_full_precision_and_nf4(embedded):
+    model, tok = embedded
+    nf4 = mansu.quantized_copy(model, "nf4")
+    sets = {name: mansu.load_bundled(name) for name in mansu.bundled_sets()}
+    # one paraphrase per item, taken in turn so that every template is asked, at about a quarter of the cost
+    paraphrased = {name: [it.paraphrased()[i % len(it.paraphrases)] for i, it in enumerate(items)]
+                   for name, items in sets.items()}
+
+    def accuracies(model, groups: dict[str, list[Item]]) -> dict[str, float]:
+        """Accuracy per group, from one batched evaluation of all of them."""
+        flat = iter(mansu.evaluate(model, tok, sum(groups.values(), []), batch_size=64, progress=False).correct)
+        return {name: sum(next(flat) for _ in items) / len(items) for name, items in groups.items()}
+
+    for (name, full), quant, para in zip(accuracies(model, sets).items(), accuracies(nf4, sets).values(),
+                                         accuracies(model, paraphrased).values()):
+        assert full >= 0.95 and quant >= 0.95 and para >= 0.9, (name, full, quant, para)
 
 
 def test_split_is_seeded_and_disjoint(capitals):
