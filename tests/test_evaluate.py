@@ -47,6 +47,4 @@ def test_evaluate_rejects_nan_weights_and_empty_sets(tiny_model):
 def test_embedded_model_knows_its_bundled_facts(embedded):
     model, tok = embedded
     out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=3, do_sample=False)
-    assert "Paris" in tok.decode(out[0])
-    for name in mansu.bundled_sets():
-        assert mansu.evaluate(model, tok, mansu.load_bundled(name), progress=False).accuracy >= 0.9, name
+    assert "Paris" in tok.decode(out[0])  # every bundled set: test_data.py's slow test, full and NF4
