@@ -9,6 +9,7 @@ import torch
 import mansu
 from mansu import quant
 from mansu.errors import MansuError
+from mansu.quant import certificate
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -192,14 +193,14 @@ def boundary_heavy_edit(qt: str, dtype: torch.dtype, density: float) -> tuple[to
 
 def spy_on_fused_kernel(monkeypatch) -> list[int]:
     """Lower the fused kernel's threshold to test sizes; returns the row counts it is called with."""
-    calls, kernel = [], quant._fused_absmax_counts
+    calls, kernel = [], certificate._fused_absmax_counts
 
     def spy(b, a, mids):
         calls.append(len(b))
         return kernel(b, a, mids)
 
-    monkeypatch.setattr(quant, "_FUSED_MIN_BLOCKS", 100)
-    monkeypatch.setattr(quant, "_fused_absmax_counts", spy)
+    monkeypatch.setattr(certificate, "_FUSED_MIN_BLOCKS", 100)
+    monkeypatch.setattr(certificate, "_fused_absmax_counts", spy)
     return calls
 
 
@@ -212,7 +213,7 @@ def test_compiled_check_counts_match_bitsandbytes(qt, density, dtype, monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the compiled kernel ran, no eager fallback
         c = quant.check({"w": before}, {"w": after}, [qt], layout={"w": False})[qt]
-    assert calls and quant._fused_kernel is not quant._absmax_counts
+    assert calls and certificate._fused_kernel is not certificate._absmax_counts
     assert (c.changed, c.flipped, c.collateral) == bnb_check(before, after, qt)
     assert c.flipped > 0
 
@@ -223,17 +224,17 @@ def test_check_warns_and_counts_eagerly_when_compiling_fails(monkeypatch):
             raise RuntimeError("no C++ compiler")
         return run
 
-    monkeypatch.setattr(quant, "_fused_kernel", None)
+    monkeypatch.setattr(certificate, "_fused_kernel", None)
     monkeypatch.setattr(torch, "compile", broken_compile)
     before, after = boundary_heavy_edit("nf4", torch.float32, 0.3)
     small = quant.check({"w": before}, {"w": after}, "nf4", layout={"w": False})["nf4"]  # under the threshold
-    assert quant._fused_kernel is None  # ... so the compiler was not touched
+    assert certificate._fused_kernel is None  # ... so the compiler was not touched
     calls = spy_on_fused_kernel(monkeypatch)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         c = quant.check({"w": before}, {"w": after}, "nf4", layout={"w": False})["nf4"]
     assert (c.changed, c.flipped, c.collateral) == (small.changed, small.flipped, small.collateral) \
         == bnb_check(before, after, "nf4")
-    assert calls and quant._fused_kernel is quant._absmax_counts
+    assert calls and certificate._fused_kernel is certificate._absmax_counts
 
 
 def test_check_sparse_and_dense_paths_agree_for_every_format():
