@@ -11,6 +11,8 @@ from mansu import quant
 from mansu.errors import MansuError
 from mansu.quant import certificate
 
+from conftest import boundary_heavy_edit
+
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -173,22 +175,6 @@ def test_check_counts_match_bitsandbytes(qt, density, dtype):
     assert c.per_tensor["w"]["collateral"] == c.collateral
     assert c.collateral > 0 or density == 1.0  # a dense edit leaves no unchanged weight to flip
     assert c.fraction == pytest.approx(c.flipped / c.changed)
-
-
-def boundary_heavy_edit(qt: str, dtype: torch.dtype, density: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 300x250 weight (1171 full blocks and a padded tail: the compiled path) and an edit that also puts
-    weights exactly on their block's decision boundaries, where a rounding slip would show."""
-    torch.manual_seed(8)
-    before = (torch.randn(300, 250) * 0.05).to(dtype)
-    after = before.clone()
-    mask = torch.rand(before.shape) < density
-    after[mask] += (torch.randn(int(mask.sum())) * 0.01).to(dtype)
-    blocks = after.view(-1)[: 64 * 200].view(200, 64).float()
-    mids = quant.get_format(qt).midpoints()
-    absmax = blocks.abs().amax(1, keepdim=True)
-    blocks[:, 1:16] = (mids * absmax).to(dtype).float()  # position 0 may hold the absmax: leave it
-    after.view(-1)[: 64 * 200] = blocks.view(-1).to(dtype)
-    return before, after
 
 
 def spy_on_fused_kernel(monkeypatch) -> list[int]:
