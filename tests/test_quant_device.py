@@ -18,7 +18,7 @@ from mansu.floor import _plan_moves, apply_floor_, floor_update
 from mansu.quant import certificate
 
 from conftest import DEVICES, boundary_heavy_edit, tiny_config
-from test_quant import bnb_codes, library_codes
+from test_quant import bnb_codes, bnb_dequant, bnbf, library_codes
 
 pytestmark = pytest.mark.device
 
@@ -92,6 +92,15 @@ def test_encode_decode_and_fake_quantize_follow_the_weight(device, fmt, dtype):
     exact = not quant.get_format(fmt).double_quant
     assert_same(quant.decode(enc, fmt, w.to(device)), quant.decode(ref, fmt, w), device, exact)
     assert_same(quant.fake_quantize(w.to(device), fmt), quant.fake_quantize(w, fmt), device, exact)
+
+
+def test_double_quant_on_the_device_leaves_bitsandbytes_working_on_the_cpu(device, monkeypatch):
+    """bitsandbytes keeps the 8-bit map of the first double quantization in a process, on that call's device
+    (a meta map could never be read back): mansu passes its own map, so a first call elsewhere leaves it unset."""
+    monkeypatch.delitem(bnbf.name2qmap, "dynamic", raising=False)  # as in a fresh process
+    w, _ = edit(torch.float32)
+    quant.fake_quantize(w.to(device), "nf4-dq")
+    assert torch.equal(quant.fake_quantize(w, "nf4-dq"), bnb_dequant(w, "nf4", True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -22,8 +22,7 @@ _NUDGES = 16  # casting to bf16 moves a value by at most half an ulp; a few ulps
 def _target_values(fmt: Format, a: Tensor, scale: Tensor, target: Tensor, margin: float, mode: str
                    ) -> tuple[Tensor, Tensor]:
     """Where each moved weight goes inside its target bin, and the bin's middle; weight units, fp32."""
-    lv, mids = fmt.levels_tensor(), fmt.midpoints()
-    edges = torch.cat([lv[:1], mids, lv[-1:]])  # the outermost bins end at +-1: the block's absmax
+    lv, edges = fmt.levels_tensor(target.device), fmt.edges(target.device)  # outermost bins end at the absmax
     lo, hi = edges[target], edges[target + 1]
     middle = (lo + hi) / 2
     if mode == "snap":

@@ -97,12 +97,22 @@ _FUSED_MIN_BLOCKS = 1 << 20
 _fused_kernel: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
 
+def _rounded_division() -> dict[str, bool]:
+    """The inductor option that makes a compiled fp32 division round as eager torch's does, where torch has it."""
+    from torch._inductor import config
+
+    # Triton (inductor's GPU backend) otherwise divides approximately (div.full.f32, up to 2 ulp off), and one
+    # ulp moves a weight on a decision boundary into the next bin; the CPU backend divides exactly either way.
+    name = "eager_numerics.division_rounding"
+    return {name: True} if name in config.get_config_copy() else {}
+
+
 def _fused_absmax_counts(b: Tensor, a: Tensor, mids: Tensor) -> Tensor:
     """`_absmax_counts` compiled once per process (a dense check then costs about one bitsandbytes quantize);
     if the compiler is unavailable, warns once and counts eagerly: the same numbers, about 5x slower."""
     global _fused_kernel
     if _fused_kernel is None:
-        _fused_kernel = torch.compile(_absmax_counts, dynamic=True)
+        _fused_kernel = torch.compile(_absmax_counts, dynamic=True, options=_rounded_division())
     try:
         return _fused_kernel(b, a, mids)
     except Exception as err:  # torch.compile raises its backend's errors (e.g. no C++ compiler) at the first call
@@ -118,7 +128,7 @@ def _flip_counts(fmt: Format, b: Tensor, a: Tensor, tail: bool, fused: bool) -> 
     """[changed, flipped, recoded] between blocks `b` and `a`; a padded tail block is the last row."""
     full = len(b) - tail
     if fused and full > 1:  # torch.compile specialises sizes 0 and 1 (a recompile each): leave them eager
-        counts = _fused_absmax_counts(b[:full], a[:full], fmt.midpoints().to(b.device))
+        counts = _fused_absmax_counts(b[:full], a[:full], fmt.midpoints(b.device))
         return counts + _flip_counts(fmt, b[full:], a[full:], True, False) if tail else counts
     eb, ea = fmt.encode_blocks(b, tail), fmt.encode_blocks(a, tail)
     return _counts(b, a, eb.codes, ea.codes)
@@ -147,7 +157,8 @@ def _check_tensor(fmt: Format, before: Tensor, after: Tensor, touched: Tensor, f
     changed, flipped, recoded = _flip_counts(fmt, b, a, tail, fused).tolist()
     # The ratio distribution is estimated on a random sample of touched blocks (all of them for small edits).
     rows = torch.randperm(len(b), generator=gen)[: 64 + len(b) // 128].sort().values
-    bs, as_ = b[rows], a[rows]
+    picked = rows.to(b.device)  # drawn on the CPU, so that every device samples the same blocks
+    bs, as_ = b[picked], a[picked]
     lo, hi = _bounds(fmt, fmt.encode_blocks(bs, _keeps_tail(rows, len(b), tail)))
     moved = bs != as_
     ratio = (as_ - bs).abs()[moved] / (hi - lo)[moved]
@@ -185,11 +196,11 @@ def check(
                 per_tensor[name] = dict(zip(("changed", "flipped", "collateral"), counts[:3]))
             totals = [t + c for t, c in zip(totals, counts[:3])]
             ratios.append(counts[3])
-        ratio = torch.cat(ratios) if ratios else torch.empty(0)
+        ratio = torch.cat([r.cpu() for r in ratios]) if ratios else torch.empty(0)  # a sample: small
         quantiles = {}
         if ratio.numel():
             ranks = [round(q * (len(ratio) - 1)) for q in _QUANTILES]
-            ordered = np.partition(ratio.cpu().numpy(), ranks)  # a full sort costs 4x more here
+            ordered = np.partition(ratio.numpy(), ranks)  # a full sort costs 4x more here
             quantiles = {str(q): float(ordered[r]) for q, r in zip(_QUANTILES, ranks)}
         changed, flipped, collateral = totals
         out[fmt.name] = FormatCheck(fmt.name, changed, flipped, collateral,

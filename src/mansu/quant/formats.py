@@ -2,6 +2,7 @@
 libraries in the tests), and conversion between weights and blocks."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -44,13 +45,36 @@ class Format:
     double_quant: bool = False
     absmax_scaled: bool = False  # the block scale is the block's absmax: the magnitude floor applies
 
-    def levels_tensor(self) -> Tensor:
-        return torch.tensor(self.levels, dtype=torch.float32)
+    def levels_tensor(self, device: torch.device | str | None = None) -> Tensor:
+        """The sorted levels, float32, on `device` (default: torch's default device)."""
+        return _table(self.levels, device)
 
-    def midpoints(self) -> Tensor:
-        """The decision boundaries between adjacent levels, in normalised units."""
-        lv = self.levels_tensor()
-        return (lv[:-1] + lv[1:]) / 2
+    def midpoints(self, device: torch.device | str | None = None) -> Tensor:
+        """The decision boundaries between adjacent levels, in normalised units, on `device`."""
+        return _table(_midpoints(self.levels), device)
+
+    def edges(self, device: torch.device | str | None = None) -> Tensor:
+        """The midpoints with the outermost levels around them: bin i spans edges[i]..edges[i + 1]; the
+        outermost bins end at the outermost levels (for nf4/fp4 the block's absmax)."""
+        return _table((self.levels[0], *_midpoints(self.levels), self.levels[-1]), device)
+
+
+@functools.lru_cache(maxsize=None)
+def _midpoints(levels: tuple[float, ...]) -> tuple[float, ...]:
+    lv = torch.tensor(levels, dtype=torch.float32)
+    return tuple(((lv[:-1] + lv[1:]) / 2).tolist())  # float32 sums and halves, exactly representable as floats
+
+
+def _table(values: tuple[float, ...], device: torch.device | str | None) -> Tensor:
+    """`values` as float32 on `device` (None: torch's default device); one tensor per device, shared by every
+    caller, so never write to it."""
+    return _cached_table(values, torch.device(device) if device is not None else torch.get_default_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_table(values: tuple[float, ...], device: torch.device) -> Tensor:
+    # Made once per device: copying a table to a GPU at every call would wait for the GPU each time.
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _absmax(blocks: Tensor) -> Tensor:
@@ -71,23 +95,23 @@ def _bins(blocks: Tensor, absmax: Tensor, tail: bool, mids: Tensor) -> Tensor:
 
 
 def _encode_4bit(levels: tuple[float, ...]) -> Callable[[Tensor, bool], Encoded]:
-    mids = (torch.tensor(levels[:-1]) + torch.tensor(levels[1:])) / 2
+    mids = _midpoints(levels)
 
     def encode(blocks: Tensor, tail: bool) -> Encoded:
         absmax = _absmax(blocks)
-        return Encoded(_bins(blocks, absmax, tail, mids), absmax)
+        return Encoded(_bins(blocks, absmax, tail, _table(mids, blocks.device)), absmax)
 
     return encode
 
 
 def codes_at_scale(fmt: Format, blocks: Tensor, absmax: Tensor, tail: bool = False) -> Tensor:
     """Codes of an absmax-scaled format (nf4/fp4) for fp32 blocks under given block scales."""
-    return _bins(blocks, absmax, tail, fmt.midpoints())
+    return _bins(blocks, absmax, tail, fmt.midpoints(blocks.device))
 
 
 def _decode_4bit(fmt: Format, enc: Encoded) -> Tensor:
     scale = _double_quant(enc.scale) if fmt.double_quant else enc.scale
-    return fmt.levels_tensor()[enc.codes] * scale[:, None]
+    return fmt.levels_tensor(enc.codes.device)[enc.codes] * scale[:, None]
 
 
 def _double_quant(absmax: Tensor) -> Tensor:
@@ -95,8 +119,19 @@ def _double_quant(absmax: Tensor) -> Tensor:
     import bitsandbytes.functional as bnbf
 
     offset = absmax.mean()
-    q, state = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+    # Given no map, bitsandbytes caches its 8-bit map process-wide on the device of its first call: after a first
+    # call on meta, no later call could copy it back. So the map is passed, on the scales' device.
+    code = _table(_dynamic_map(), absmax.device)
+    q, state = bnbf.quantize_blockwise(absmax - offset, code=code, blocksize=256)
     return bnbf.dequantize_blockwise(q, state) + offset
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map() -> tuple[float, ...]:
+    """bitsandbytes' default 8-bit map for blockwise quantization (what double quantization uses)."""
+    import bitsandbytes.functional as bnbf
+
+    return tuple(bnbf.create_dynamic_map().tolist())
 
 
 def _inverse(d: Tensor) -> Tensor:
@@ -140,7 +175,7 @@ def _decode_int8(fmt: Format, enc: Encoded) -> Tensor:
 
 
 def _decode_affine(fmt: Format, enc: Encoded) -> Tensor:
-    out = fmt.levels_tensor()[enc.codes] * enc.scale[:, None]
+    out = fmt.levels_tensor(enc.codes.device)[enc.codes] * enc.scale[:, None]
     return out if enc.offset is None else out + enc.offset[:, None]
 
 

@@ -30,8 +30,7 @@ class BinGeometry:
 
 def _bounds(fmt: Format, enc: Encoded) -> tuple[Tensor, Tensor]:
     """Lower and upper edge of every weight's bin, in weight units, shaped like `enc.codes`."""
-    lv = fmt.levels_tensor()
-    edges = torch.cat([lv[:1], fmt.midpoints(), lv[-1:]])
+    edges = fmt.edges(enc.codes.device)
     scale = enc.scale[:, None]
     a, b = edges[enc.codes] * scale, edges[enc.codes + 1] * scale
     if enc.offset is not None:
