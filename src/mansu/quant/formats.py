@@ -61,8 +61,9 @@ class Format:
 
 @functools.lru_cache(maxsize=None)
 def _midpoints(levels: tuple[float, ...]) -> tuple[float, ...]:
-    lv = torch.tensor(levels, dtype=torch.float32)
-    return tuple(((lv[:-1] + lv[1:]) / 2).tolist())  # float32 sums and halves, exactly representable as floats
+    """The decision boundaries between adjacent levels, computed in float32 (and exact as Python floats)."""
+    lv = torch.tensor(levels, dtype=torch.float32, device="cpu")  # even under a `torch.device("meta")` block
+    return tuple(((lv[:-1] + lv[1:]) / 2).tolist())
 
 
 def _table(values: tuple[float, ...], device: torch.device | str | None) -> Tensor:
