@@ -84,7 +84,7 @@ def built_tokenizer(style: str):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     if style == "llama2":
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # pieces end at spaces, as in sentencepiece
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # pieces end at spaces, as sentencepiece
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     elif style == "metaspace":
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")

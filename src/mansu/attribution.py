@@ -271,7 +271,7 @@ def attribute_circuit(
         components=components,
         forget_scores=scores_of(forget_scores, components).tolist(),
         retain_scores=scores_of(retain_scores, components).tolist() if retain_scores else None,
-        n_params=int(sum(m.sum() for m in mask.values())),
+        n_params=sum(int(m.sum()) for m in mask.values()),  # per tensor: the masks may sit on several devices
         total_params=sum(p.numel() for p in model.parameters()),
         config=config,
     )

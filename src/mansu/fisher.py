@@ -112,8 +112,10 @@ class Fisher(Result):
     def predicted_change(self, update: Update) -> float:
         """Second-order estimate of the mean retain answer NLL change: -grad . delta + cost."""
         costs = self.entry_costs(update)
-        first = sum((self.grad[n].double() * update[n].detach().double()[self.mask[n].to(update[n].device)]
-                     .to(self.grad[n].device)).sum().item() for n in costs)
+        first = 0.0
+        for n in costs:
+            moved = update[n].detach().double()[self.mask[n].to(update[n].device)]
+            first += (self.grad[n].double() * moved.to(self.grad[n].device)).sum().item()
         return sum(c.double().sum().item() for c in costs.values()) - first
 
 
@@ -183,7 +185,8 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
         if m.shape != params[name].shape:
             raise MansuError(f"mask of {name!r} has shape {tuple(m.shape)}, the parameter {tuple(params[name].shape)}")
     require_loaded(model, selected)
-    squares = {n: torch.zeros(int(mask[n].bool().sum()), dtype=torch.float32, device=m.device) for n, m in selected.items()}
+    squares = {n: torch.zeros(int(mask[n].bool().sum()), dtype=torch.float32, device=m.device)
+               for n, m in selected.items()}
     grad_sums = {n: torch.zeros_like(v) for n, v in squares.items()}
     generator = torch.Generator(input_device(model)).manual_seed(config.seed) if config.kind == "true" else None
     real_labels = True  # whether the running backward is of the real answers (else of sampled ones)
