@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import mansu
 from mansu.data import Item, batches, encode, load_items, read_jsonl, split
@@ -149,3 +150,53 @@ def test_paraphrases_round_trip_and_ask_the_same_fact(tmp_path):
     for bad in ("France's capital is", [""], [3]):
         with pytest.raises(mansu.MansuError, match="paraphrases"):
             load_items([record | {"paraphrases": bad}])
+
+
+CORPUS = ["The capital of France is Paris", "The capital of Japan is Tokyo", "Hi there you go", "Q: Rome? A: Oslo"] * 8
+PAIRS = [("The capital of France is", "Paris"), ("Hi", "there you go"), ("Q: Rome? A: ", "Oslo")]
+
+
+def built_tokenizer(style: str):
+    """A tiny BPE tokenizer built in code: 'llama2' (Llama-2 / Mistral v0.1 tokenizer.json: a normalizer that
+    prepends the space marker), 'metaspace' (a Metaspace pre-tokenizer prepending it), 'gpt2' (byte-level)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if style == "llama2":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # pieces end at spaces, as sentencepiece
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    elif style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if style == "gpt2" else []
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=alphabet))
+    if style == "gpt2":
+        tok.post_processor = processors.ByteLevel(trim_offsets=True)
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+@pytest.mark.parametrize("style", ["llama2", "metaspace", "gpt2", "smollm2"])
+def test_answer_tokens_are_exactly_the_continuation(style, tokenizer):
+    tok = tokenizer if style == "smollm2" else built_tokenizer(style)
+    prompts, answers = zip(*PAIRS)
+    batch = encode(tok, prompts, answers)
+    for b, (prompt, answer) in enumerate(PAIRS):
+        ids = batch.input_ids[b][batch.attention_mask[b].bool()]
+        answer_ids = batch.input_ids[b, 1:][batch.target_mask[b]]
+        text = prompt + mansu.data.continuation(prompt, answer)
+        assert ids.tolist() == tok(text)["input_ids"]  # what the model reads is the text in one piece
+        assert torch.equal(ids[len(ids) - len(answer_ids):], answer_ids)  # targets: the row's last tokens
+        head = tok.decode(ids[: len(ids) - len(answer_ids)], skip_special_tokens=True)
+        assert tok.decode(ids, skip_special_tokens=True) == text and text.startswith(head)
+        assert text[len(head):].strip() == answer  # no stray space token: the answer is all the targets hold
+        if style in ("gpt2", "smollm2"):  # byte-level decoding keeps a leading space
+            assert tok.decode(answer_ids) == text[len(head):]

@@ -29,8 +29,9 @@ from .components import KINDS, Component, Components, Mask, find_components
 from .data import Item, batches
 from .config import check_types
 from .errors import MansuError
-from .evaluate import answer_logprob, model_device
+from .evaluate import answer_logprob
 from .hooks import forward_hooks
+from .models import input_device
 from .results import Result
 
 Scores = dict[str, torch.Tensor]  # kind -> [layers, components per layer]
@@ -72,8 +73,8 @@ def ablated(model: nn.Module, components: Sequence[Component], baseline: Baselin
 
         def hook(module: nn.Module, args: tuple) -> tuple:
             x = args[0].clone()
-            base = baseline.get(name)
-            x[..., features] = 0.0 if base is None else base.to(x)[features]
+            base, index = baseline.get(name), features.to(x.device)  # this layer's device, not the model's first
+            x[..., index] = 0.0 if base is None else base.to(x)[index]
             return (x, *args[1:])
 
         return hook
@@ -84,7 +85,7 @@ def ablated(model: nn.Module, components: Sequence[Component], baseline: Baselin
 
 @torch.no_grad()
 def mean_activations(model: nn.Module, tokenizer, items: Sequence[Item], batch_size: int = 16) -> Baseline:
-    """Every site's mean input over the non-pad tokens of `items`: the 'mean' baseline."""
+    """Every site's mean input over the non-pad tokens of `items` (fp32, on the site's device): the 'mean' baseline."""
     comps = find_components(model)
     sites = [s for kind in KINDS for s in comps.sites(kind)]
     sums: dict[str, torch.Tensor] = {}
@@ -92,18 +93,18 @@ def mean_activations(model: nn.Module, tokenizer, items: Sequence[Item], batch_s
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0][current["mask"]].double().sum(0)
-            sums[name] = sums.get(name, 0) + x
+            keep = current["mask"].to(args[0].device)[..., None]  # a product, not a gather: no host sync
+            sums[name] = sums.get(name, 0) + (args[0].double() * keep).sum((0, 1))
 
         return hook
 
     tokens = 0
     with forward_hooks(((model.get_submodule(n), hook_for(n)) for n in sites), pre=True):
         for batch in batches(tokenizer, items, batch_size):
-            batch = batch.to(model_device(model))
-            current["mask"] = batch.attention_mask.bool()
+            tokens += int(batch.attention_mask.sum())  # counted on the host batch: no device sync
+            batch = batch.to(input_device(model))
+            current["mask"] = batch.attention_mask
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            tokens += int(batch.attention_mask.sum())
     return {n: (s / tokens).float() for n, s in sums.items()}
 
 
@@ -116,7 +117,9 @@ def attribute(
     batch_size: int = 16,
     progress: bool = False,
 ) -> Scores:
-    """EAP-IG score of every head and neuron for the answer log-likelihood of `items` (mean per item)."""
+    """EAP-IG score of every head and neuron for the answer log-likelihood of `items` (mean per item).
+
+    Accumulated in fp32 on each layer's device whatever the model's dtype; returned on the CPU."""
     if steps < 1:
         raise MansuError(f"steps must be >= 1, got {steps}")
     if not items:
@@ -125,7 +128,7 @@ def attribute(
     baseline = baseline or {}
     sites = {kind: comps.sites(kind) for kind in KINDS}
     names = [s for kind in KINDS for s in sites[kind]]
-    totals = {kind: torch.zeros(len(comps.layers), comps.count(kind)) for kind in KINDS}
+    totals: dict[str, list] = {kind: [0.0] * len(comps.layers) for kind in KINDS}  # per layer, on its device
     was_training = model.training
     model.eval()
     try:
@@ -136,19 +139,19 @@ def attribute(
                 metric = answer_logprob(model, batch).sum()
                 step_grads = torch.autograd.grad(metric, [seen[n] for n in names])
             for n, g in zip(names, step_grads):
-                grads[n] = grads.get(n, 0) + g
+                grads[n] = grads.get(n, 0) + g.float()
             if k < steps:
                 continue
             for kind in KINDS:  # the last step (alpha = 1) is the clean run: close the batch
                 for layer, n in enumerate(sites[kind]):
-                    clean = seen[n].detach()
+                    clean = seen[n].detach().float()
                     diff = clean - baseline[n].to(clean) if n in baseline else clean
                     per_feature = (diff * grads[n] / steps).sum(dim=(0, 1))
-                    totals[kind][layer] += per_feature.view(comps.count(kind), -1).sum(-1).cpu()
+                    totals[kind][layer] = totals[kind][layer] + per_feature.view(comps.count(kind), -1).sum(-1)
             grads = {}
     finally:
         model.train(was_training)
-    return {kind: t / len(items) for kind, t in totals.items()}
+    return {kind: torch.stack([t.cpu() for t in layers]) / len(items) for kind, layers in totals.items()}
 
 
 def scores_of(scores: Scores, components: Sequence[Component]) -> torch.Tensor:
@@ -270,7 +273,7 @@ def attribute_circuit(
         components=components,
         forget_scores=scores_of(forget_scores, components).tolist(),
         retain_scores=scores_of(retain_scores, components).tolist() if retain_scores else None,
-        n_params=int(sum(m.sum() for m in mask.values())),
+        n_params=sum(int(m.sum()) for m in mask.values()),  # per tensor: the masks may sit on several devices
         total_params=sum(p.numel() for p in model.parameters()),
         config=config,
     )

@@ -211,16 +211,33 @@ class Batch:
         return self.input_ids.shape[0]
 
 
+def split_tokens(tokenizer, prompt: str, continued: str) -> tuple[list[int], int]:
+    """Token ids of `prompt + continued` read as one text, and the index of the first continuation token.
+
+    One text, not two: a tokenizer that prepends a space marker (SentencePiece-style, Llama-2, Mistral v0.1)
+    would give a separately tokenised continuation a stray "▁" token. A token belongs to the continuation
+    when its characters (offsets) reach past the prompt; special tokens appended after the text are dropped.
+    """
+    try:
+        enc = tokenizer(prompt + continued, add_special_tokens=True, return_offsets_mapping=True,
+                        return_special_tokens_mask=True)
+    except NotImplementedError as err:  # slow tokenizers have no offsets
+        raise MansuError(f"mansu needs a fast tokenizer (with offsets), got {type(tokenizer).__name__}") from err
+    ids, offsets, special = enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
+    text = [i for i, s in enumerate(special) if not s]
+    start = next((i for i in text if offsets[i][1] > len(prompt)), None)
+    if start is None or start == 0:
+        raise MansuError(f"prompt {prompt!r} or its continuation {continued!r} tokenises to nothing")
+    return ids[: text[-1] + 1], start
+
+
 def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
-    """Tokenise prompt and continuation separately (so the boundary is exact) and pad on the right."""
+    """Tokenise each prompt with its continuation (`split_tokens`) and pad on the right."""
     rows, starts = [], []
     for prompt, answer in zip(prompts, answers, strict=True):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        answer_ids = tokenizer(continuation(prompt, answer), add_special_tokens=False)["input_ids"]
-        if not prompt_ids or not answer_ids:
-            raise MansuError(f"prompt {prompt!r} or answer {answer!r} tokenises to nothing")
-        rows.append(prompt_ids + answer_ids)
-        starts.append(len(prompt_ids))
+        row, start = split_tokens(tokenizer, prompt, continuation(prompt, answer))
+        rows.append(row)
+        starts.append(start)
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

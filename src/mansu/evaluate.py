@@ -9,18 +9,16 @@ from tqdm.auto import tqdm
 
 from .data import Batch, Item, encode
 from .errors import MansuError
+from .models import input_device
 from .results import Result
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def answer_logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed log-probability of each row's answer tokens, shape [B]; differentiable."""
-    batch = batch.to(model_device(model))
+    """Summed log-probability (fp32) of each row's answer tokens, shape [B], on the logits' device; differentiable."""
+    batch = batch.to(input_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
+    batch = batch.to(logprobs.device)  # the output head may sit on another device than the embeddings
     token_lp = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     return (token_lp * batch.target_mask).sum(-1)
 
@@ -54,11 +52,11 @@ def evaluate(
         for start in tqdm(range(0, len(pairs), batch_size), desc="evaluate", leave=False, disable=not progress):
             chunk = pairs[start : start + batch_size]
             batch = encode(tokenizer, [items[i].prompt for i, _ in chunk], [c for _, c in chunk])
-            scores.append(answer_logprob(model, batch).cpu())
+            scores.append(answer_logprob(model, batch))
             lengths.append(batch.target_mask.sum(-1))
     finally:
         model.train(was_training)
-    score, length = torch.cat(scores), torch.cat(lengths)
+    score, length = torch.cat(scores).cpu(), torch.cat(lengths)  # one transfer, after the loop
     if not torch.isfinite(score).all():
         raise MansuError("the model produced non-finite log-likelihoods (NaN/inf weights?)")
 

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .data import Batch, Item, encode
 from .config import check_types
 from .errors import MansuError
-from .evaluate import answer_logprob, model_device
+from .evaluate import answer_logprob
+from .models import input_device, require_loaded
 from .results import Result
 
 Mask = dict[str, torch.Tensor]
@@ -62,7 +63,8 @@ class BoundConfig:
 
 @dataclass(repr=False)
 class Fisher(Result):
-    """Diagonal Fisher values of the masked entries: `values[name]` is 1-D, in `mask[name]`'s flat order."""
+    """Diagonal Fisher values (fp32) of the masked entries: `values[name]` is 1-D, in `mask[name]`'s flat order,
+    on the parameter's device, as are its mask and gradient."""
 
     mask: Mask
     values: dict[str, torch.Tensor]
@@ -81,7 +83,7 @@ class Fisher(Result):
 
     def dense(self, name: str) -> torch.Tensor:
         """F of parameter `name` at full shape, zero outside the mask."""
-        out = torch.zeros(self.mask[name].shape, dtype=torch.float32)
+        out = torch.zeros(self.mask[name].shape, dtype=torch.float32, device=self.values[name].device)
         out[self.mask[name]] = self.values[name]
         return out
 
@@ -96,14 +98,15 @@ class Fisher(Result):
                 continue
             if mask.shape != delta.shape:
                 raise MansuError(f"update of {name!r} has shape {tuple(delta.shape)}, the mask {tuple(mask.shape)}")
-            if delta[~mask.to(delta.device)].any():
+            mask = mask.to(delta.device)
+            if delta[~mask].any():
                 raise MansuError(f"the update moves entries of {name!r} outside the Fisher's mask")
-            costs[name] = self.entry_cost(name, delta.detach().float().cpu()[mask])
+            costs[name] = self.entry_cost(name, delta.detach().float()[mask])
         return costs
 
     def entry_cost(self, name: str, entries: torch.Tensor) -> torch.Tensor:
         """0.5 * F_i * delta_i^2 for a flat vector of deltas over `name`'s masked entries, in mask order."""
-        return 0.5 * self.values[name] * entries**2
+        return 0.5 * self.values[name] * entries.to(self.values[name].device) ** 2
 
     def cost(self, update: Update) -> float:
         """The retain bound: the curvature term 0.5 * sum F_i delta_i^2 of `update`'s retain-NLL increase."""
@@ -112,8 +115,10 @@ class Fisher(Result):
     def predicted_change(self, update: Update) -> float:
         """Second-order estimate of the mean retain answer NLL change: -grad . delta + cost."""
         costs = self.entry_costs(update)
-        first = sum((self.grad[n].double() * update[n].detach().double().cpu()[self.mask[n]]).sum().item()
-                    for n in costs)
+        first = 0.0
+        for n in costs:
+            moved = update[n].detach().double()[self.mask[n].to(update[n].device)]
+            first += (self.grad[n].double() * moved.to(self.grad[n].device)).sum().item()
         return sum(c.double().sum().item() for c in costs.values()) - first
 
 
@@ -122,10 +127,11 @@ def sampled_answer_logprobs(model: torch.nn.Module, batch: Batch, generator: tor
     """From one forward: the real answers' log-likelihood [B] and `draws` of model-sampled answers [B]."""
     # Each answer token is drawn on the real prefix (teacher-forced), so the draws' per-token scores are
     # independent with zero mean and the squared gradient estimates the sum of the tokens' Fishers.
-    batch = batch.to(model_device(model))
+    batch = batch.to(input_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    probs = logprobs.detach().exp().flatten(0, 1).cpu()
+    batch = batch.to(logprobs.device)  # the output head may sit on another device than the embeddings
+    probs = logprobs.detach().exp().flatten(0, 1).to(generator.device)  # a no-op unless the head is elsewhere
     sampled = torch.multinomial(probs, draws, replacement=True, generator=generator).T  # one call: it is slow
     labels = [batch.input_ids[:, 1:]] + [y.view(logprobs.shape[:2]).to(logprobs.device) for y in sampled]
     scores = [(logprobs.gather(-1, y[..., None]).squeeze(-1) * batch.target_mask).sum(-1) for y in labels]
@@ -165,7 +171,8 @@ def full_mask(model: torch.nn.Module) -> Mask:
 
 def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], mask: Mask | None = None,
                     config: FisherConfig | None = None, progress: bool = True) -> Fisher:
-    """The retain set's diagonal Fisher over `mask` (all parameters if None), accumulated in fp32."""
+    """The retain set's diagonal Fisher over `mask` (all parameters if None), accumulated in fp32 on each
+    parameter's device."""
     config = config or FisherConfig()
     if not items:
         raise MansuError("cannot compute a Fisher over an empty retain set")
@@ -174,21 +181,22 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
     unknown = sorted(set(mask) - set(params))
     if unknown:
         raise MansuError(f"mask names parameters the model does not have: {unknown[:3]}")
-    selected = {n: m.bool().cpu() for n, m in mask.items() if m.any()}
+    selected = {n: m.to(params[n].device, torch.bool) for n, m in mask.items() if m.any()}
     if not selected:
         raise MansuError("the mask selects no parameter entries")
     for name, m in selected.items():
         if m.shape != params[name].shape:
             raise MansuError(f"mask of {name!r} has shape {tuple(m.shape)}, the parameter {tuple(params[name].shape)}")
-    device_masks = {n: m.to(params[n].device) for n, m in selected.items()}
-    squares = {n: torch.zeros(int(m.sum()), dtype=torch.float32) for n, m in selected.items()}
+    require_loaded(model, selected)
+    squares = {n: torch.zeros(int(mask[n].bool().sum()), dtype=torch.float32, device=m.device)
+               for n, m in selected.items()}
     grad_sums = {n: torch.zeros_like(v) for n, v in squares.items()}
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator(input_device(model)).manual_seed(config.seed) if config.kind == "true" else None
     real_labels = True  # whether the running backward is of the real answers (else of sampled ones)
 
     def take(name: str, grad: torch.Tensor) -> None:
         nonlocal real_labels
-        g = grad[device_masks[name]].float().cpu()
+        g = grad[selected[name]].float()
         if real_labels:
             grad_sums[name] += g
         if not real_labels or config.kind == "empirical":
@@ -250,7 +258,8 @@ def bound_update(fisher: Fisher, update: Update, config: BoundConfig) -> Bounded
         return BoundedUpdate(out, original * scale**2, original, config.budget, "scale", scale, total, total)
     # Prune: the cost is a sum over entries, so keeping the cheapest prefix keeps the most entries.
     names = list(costs)
-    flat = torch.cat([costs[n].double() for n in names])
+    here = costs[names[0]].device  # the cheapest entries are chosen over all parameters, on one device
+    flat = torch.cat([costs[n].double().to(here) for n in names])
     order = torch.argsort(flat)
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[order[: int((flat[order].cumsum(0) <= config.budget).sum())]] = True

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -151,9 +152,13 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
     **from_pretrained_kwargs,
 ):
-    """Load `(model, tokenizer)` in eval mode; the tokenizer pads on the right with a pad token set."""
+    """Load `(model, tokenizer)` in eval mode; the tokenizer pads on the right with a pad token set.
+
+    With `device_map` (e.g. "auto") accelerate places the model and `device` is not used: the model stays
+    where it was dispatched."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -162,12 +167,22 @@ def load_model(
     kwargs = dict(trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         where = "local directory" if Path(path).is_dir() else "Hugging Face id (not a local directory)"
         raise MansuError(f"could not load model {name_or_path!r} as a causal LM from a {where}: {err}") from err
     prepare_tokenizer(tokenizer)
-    return model.to(device).eval(), tokenizer
+    if device_map is None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids go: the input embeddings' device, or the one accelerate runs them on when dispatched
+    (an offloaded embedding's weight sits on the meta device between calls)."""
+    embeddings = model.get_input_embeddings()
+    execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    return torch.device(execution) if execution is not None else embeddings.weight.device
 
 
 def prepare_tokenizer(tokenizer) -> None:
@@ -177,3 +192,17 @@ def prepare_tokenizer(tokenizer) -> None:
             raise MansuError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+
+
+def require_loaded(model: torch.nn.Module, names: Iterable[str]) -> None:
+    """Refuse parameters accelerate offloaded (on the meta device between calls): they can take no gradient
+    and no edit, since each forward loads a fresh copy of them."""
+    if not any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return  # not dispatched: a model on the meta device is a deliberate shape-only run
+    params = dict(model.named_parameters())
+    offloaded = [n for n in names if params[n].device.type == "meta"]
+    if offloaded:
+        raise MansuError(
+            f"{len(offloaded)} parameter(s) to differentiate or edit are offloaded (meta device), e.g. "
+            f"{offloaded[0]!r}: load the model with a device_map that keeps its decoder layers on devices"
+        )

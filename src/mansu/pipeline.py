@@ -27,6 +27,7 @@ from .evaluate import answer_logprob, evaluate
 from .fisher import BoundConfig, Fisher, bound_update, diagonal_fisher, masked_grad_hooks
 from .floor import floor_update
 from .methods import BaselineConfig, check_finite, forget_loss, retain_loss, run_baseline_
+from .models import require_loaded
 from .projection import ProjectionConfig, Projector, null_space_projector
 from .quant import Certificate, check, fake_quantize, get_format, quantized_copy, quantized_layout, quantized_weights
 from .results import Result
@@ -114,10 +115,12 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     timing: dict[str, float] = {}
     tick = time.perf_counter()
 
+    layout = quantized_weights(model)
+    require_loaded(model, layout)  # the quantized twin and the edit need every quantized weight in memory
+
     # The retain attribution only penalises components: a sample of the retain set is enough for it.
     sample = random.Random(config.seed).sample(list(retain), min(config.attribution_retain, len(retain)))
     circuit = attribute_circuit(model, tokenizer, forget, sample, config.circuit)
-    layout = quantized_weights(model)
     mask = {n: m for n, m in circuit.mask(model).items() if m.any() and n in layout}
     if not mask:
         raise MansuError("the circuit selected no quantized weight to edit; raise circuit.mass or top_k")
@@ -132,9 +135,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     rounds, converged = editor.run(tokenizer, forget, retain)
     timing["edit"], tick = time.perf_counter() - tick, time.perf_counter()
 
-    del editor.quantized, editor.quantized_params  # the twin is done: free it before the certificate
-    certificate = check(editor.original_weights(), {n: editor.params[n].detach() for n in mask}, config.format,
-                        editor.transposed)
+    certificate = editor.certify()
     timing["check"] = time.perf_counter() - tick
     return UnlearnResult("mansu", converged, rounds, editor.edited_count(), editor.total_params(), certificate,
                          circuit, timing, _config_dict(config))
@@ -142,7 +143,8 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
 
 class _Editor:
     """The round loop's state. Per circuit weight tensor everything is kept as flat vectors over its mask's
-    entries (in mask order, as the Fisher keeps them), so memory follows the circuit, not the model."""
+    entries (in mask order, as the Fisher keeps them), so memory follows the circuit, not the model; every
+    such vector, and the quantized twin, lives on its parameter's device."""
 
     def __init__(self, model, mask, transposed: dict[str, bool], fisher: Fisher, projector: Projector | None,
                  config: MansuConfig):
@@ -151,28 +153,30 @@ class _Editor:
         self.transposed = transposed  # per circuit weight: stored [in, out] (Conv1D), as the quantizer sees it
         self.original = {n: self.params[n].detach()[m].clone() for n, m in mask.items()}
         self.moved = {n: torch.zeros_like(v, dtype=torch.bool) for n, v in self.original.items()}
-        # Each weight moves at most once and no block's absmax ever moves, so the floored move of every
-        # unmoved weight to its neighbouring level, up or down, is fixed: computed once, here.
-        self.step_up = {n: self.floored_step(n, +1) for n in mask}
-        self.step_down = {n: self.floored_step(n, -1) for n in mask}
+        # Each weight moves at most once and no block's absmax ever moves, so where every unmoved weight lands
+        # on its neighbouring level, up or down, is fixed: computed once, here, in the parameter's dtype. A move
+        # writes that value itself: w + delta rounds in bf16 and could miss it.
+        self.up = {n: self.floored_target(n, +1) for n in mask}
+        self.down = {n: self.floored_target(n, -1) for n in mask}
         self.spent = 0.0  # Fisher cost of the edits so far
         # The deployed model, kept in step with the edit: only the blocks an edit touches are re-quantized.
         self.quantized = quantized_copy(model, config.format)
         self.quantized_params = dict(self.quantized.named_parameters())
 
-    def floored_step(self, name: str, sign: int) -> torch.Tensor:
-        """The move of every masked weight of `name` to the neighbouring level above (+1) or below (-1)."""
+    def floored_target(self, name: str, sign: int) -> torch.Tensor:
+        """Where every masked weight of `name` goes on a move to the neighbouring level above (+1) or below (-1);
+        its own value where it cannot move (a block's absmax, the outermost level)."""
         w, m, t = self.params[name].detach(), self.mask[name], self.transposed[name]
         nudged = torch.where(m, torch.nextafter(w, torch.full_like(w, sign * math.inf)), w)
         floored = floor_update(quantized_layout(w, t), quantized_layout(nudged, t), self.config.format,
                                mode=self.config.floor_mode)
-        return quantized_layout(floored, t)[m] - w[m]
+        return quantized_layout(floored, t)[m]
 
     def total_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     def edited_count(self) -> int:
-        return int(sum((self.params[n].detach()[m] != self.original[n]).sum() for n, m in self.mask.items()))
+        return sum(int((self.params[n].detach()[m] != self.original[n]).sum()) for n, m in self.mask.items())
 
     def original_weights(self) -> dict[str, torch.Tensor]:
         """The circuit tensors as they were before the edit (for the certificate)."""
@@ -217,7 +221,7 @@ class _Editor:
 
         def take(name: str, grad: torch.Tensor) -> None:
             m = self.mask[name]
-            step_dir = -grad * m
+            step_dir = -grad.float() * m  # fp32: neither the projection nor the scores round to bf16
             if self.projector is not None:
                 step_dir = self.projector.apply({name: step_dir})[name]
             grads[name], directions[name] = grad[m].float(), step_dir[m].float()
@@ -239,12 +243,12 @@ class _Editor:
 
     @torch.no_grad()
     def propose(self, grads: dict[str, torch.Tensor], directions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Flat floored moves of the best-scoring unmoved circuit weights, within the Fisher budget."""
+        """Flat fp32 moves of the best-scoring unmoved circuit weights, within the Fisher budget."""
         cfg, names = self.config, list(self.mask)
-        deltas = {n: torch.where(directions[n] > 0, self.step_up[n], torch.where(directions[n] < 0, self.step_down[n],
-                                                                                 0.0)) * ~self.moved[n] for n in names}
-        benefit = torch.cat([-(grads[n] * deltas[n]) for n in names])  # first-order decrease of the objective
-        cost = torch.cat([self.fisher.entry_cost(n, deltas[n]) for n in names])  # the retain bound's terms
+        deltas = {n: self.candidates(n, directions[n]) for n in names}
+        here = deltas[names[0]].device  # the ranking is global: every candidate's score meets on one device
+        benefit = torch.cat([-(grads[n] * deltas[n]).to(here) for n in names])  # first-order decrease of the objective
+        cost = torch.cat([self.fisher.entry_cost(n, deltas[n]).to(here) for n in names])  # the retain bound's terms
         useful = benefit > 0
         if not useful.any():
             return {}
@@ -252,7 +256,8 @@ class _Editor:
         score = torch.where(useful, benefit / (cost + smoothing + 1e-30), torch.zeros_like(benefit))
         keep = torch.zeros_like(useful)
         keep[score.topk(min(cfg.edits_per_round, int(useful.sum()))).indices] = True
-        moves = dict(zip(names, (d * k for d, k in zip(deltas.values(), keep.split([len(d) for d in deltas.values()])))))
+        kept = keep.split([len(deltas[n]) for n in names])
+        moves = {n: deltas[n] * k.to(deltas[n].device) for n, k in zip(names, kept)}
         if cfg.fisher_budget is not None:
             remaining = cfg.fisher_budget - self.spent
             if remaining <= 0:
@@ -262,21 +267,29 @@ class _Editor:
             moves = {n: d[self.mask[n]] for n, d in bounded.items()}
         return {n: d for n, d in moves.items() if d.any()}
 
+    def candidates(self, name: str, direction: torch.Tensor) -> torch.Tensor:
+        """Each masked weight's move (fp32) to its floored target in `direction`; 0 if moved already or no direction."""
+        target = torch.where(direction > 0, self.up[name], self.down[name])
+        movable = (direction != 0) & ~self.moved[name]
+        return (target.float() - self.original[name].float()) * movable
+
     def dense(self, name: str, flat: torch.Tensor) -> torch.Tensor:
-        """A flat vector over `name`'s mask as a full-shape tensor (zero elsewhere)."""
-        out = torch.zeros_like(self.params[name].detach())
+        """A flat vector over `name`'s mask as a full-shape tensor of its dtype (zero elsewhere)."""
+        out = torch.zeros(self.mask[name].shape, dtype=flat.dtype, device=flat.device)
         out[self.mask[name]] = flat
         return out
 
     @torch.no_grad()
     def apply(self, moves: dict[str, torch.Tensor]) -> None:
-        """Move the weights, in the model and in its quantized twin."""
+        """Set each moved weight to its floored target, exactly, in the model and in its quantized twin."""
         for n, delta in moves.items():
             self.spent += float(self.fisher.entry_cost(n, delta).sum())
+            chosen = delta != 0
+            target = torch.where(delta > 0, self.up[n], self.down[n])
             m, p = self.mask[n], self.params[n]
-            p[m] = p[m] + delta
-            self.moved[n] |= delta != 0
-            self.requantize(n, self.dense(n, delta) != 0)
+            p[m] = torch.where(chosen, target, p[m])
+            self.moved[n] |= chosen
+            self.requantize(n, self.dense(n, chosen))
 
     def requantize(self, name: str, moved: torch.Tensor) -> None:
         """Refresh the quantized twin where `name` moved: only the touched blocks, when they are contiguous."""
@@ -287,6 +300,12 @@ class _Editor:
             return
         blocks, touched = p.reshape(-1, size), moved.reshape(-1, size).any(1)
         q.view(-1, size)[touched] = fake_quantize(blocks[touched], self.config.format)
+
+    def certify(self) -> Certificate:
+        """Free the quantized twin (the rounds are over), then check the edit against the original weights."""
+        del self.quantized, self.quantized_params
+        edited = {n: self.params[n].detach() for n in self.mask}
+        return check(self.original_weights(), edited, self.config.format, self.transposed)
 
 
 def _baseline(model, tokenizer, forget, retain, config: BaselineConfig) -> UnlearnResult:

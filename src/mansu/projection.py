@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from .data import Item, batches
 from .config import check_types
 from .errors import MansuError
-from .evaluate import model_device
 from .hooks import capture_inputs
+from .models import input_device
 from .results import Result
 
 Mask = dict[str, torch.Tensor]
@@ -137,7 +137,7 @@ def null_space_projector(model: nn.Module, tokenizer, retain: Sequence[Item], ma
         if module is None:
             skipped.append(name)
             continue
-        m = (m.T if conv1d else m).bool().cpu()  # [out, in]
+        m = (m.T if conv1d else m).bool()  # [out, in], where the mask is (the weight's device, from a circuit)
         rows, cols = m.any(1), m.any(0)
         if not torch.equal(m, rows[:, None] & cols[None, :]):
             raise MansuError(f"mask of {name!r} is not a block of rows x columns (as heads and neurons give)")
@@ -148,17 +148,17 @@ def null_space_projector(model: nn.Module, tokenizer, retain: Sequence[Item], ma
 
     covs: dict[str, torch.Tensor] = {}
     share: dict[str, str] = {}  # weight -> the weight whose covariance it shares (same input tensor, same S)
-    tokens, device = 0, model_device(model)
+    tokens, device = 0, input_device(model)
     was_training = model.training
     model.eval()
     try:
         with capture_inputs(modules) as seen:
             for batch in tqdm(list(batches(tokenizer, retain, config.batch_size)), desc="projector",
                               leave=False, disable=not progress):
+                tokens += int(batch.attention_mask.sum())  # counted on the host batch: no device sync
                 batch = batch.to(device)
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 keep = batch.attention_mask.bool()
-                tokens += int(keep.sum())
                 if not share:  # q/k/v (and gate/up) read one tensor: one covariance serves them all
                     first: dict[tuple, str] = {}
                     for name, (module_name, cols, _) in targets.items():
@@ -168,8 +168,8 @@ def null_space_projector(model: nn.Module, tokenizer, retain: Sequence[Item], ma
                     if share[name] != name:
                         continue
                     for x in seen[module_name]:  # a module called twice per forward contributes twice
-                        xs = x[keep][:, cols.to(x.device)].double()
-                        covs[name] = covs.get(name, 0) + (xs.T @ xs).cpu()
+                        xs = x[keep.to(x.device)][:, cols.to(x.device)].double()
+                        covs[name] = covs.get(name, 0) + xs.T @ xs  # on the layer's device, in fp64
                 for inputs in seen.values():
                     inputs.clear()  # only one batch of activations is ever held
     finally:
