@@ -44,7 +44,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
     with pytest.raises(RuntimeError):
         files.atomic_write(path, explode)
-    assert json.loads(path.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [path]
+    assert files.read_json(path) == {"a": 1} and list(tmp_path.iterdir()) == [path]
     with pytest.raises(ValueError):
         files.write_json(path, {"x": float("nan")})
-    assert json.loads(path.read_text()) == {"a": 1}
+    assert files.read_json(path) == {"a": 1}

@@ -119,3 +119,60 @@ def test_answer_tokens_are_exactly_the_continuation(style, tokenizer):
         assert text[len(head):].strip() == answer  # no stray space token: the answer is all the targets hold
         if style in ("gpt2", "smollm2"):  # byte-level decoding keeps a leading space
             assert tok.decode(answer_ids) == text[len(head):]
+
+
+def test_odd_files_read_correctly_or_fail_naming_file_and_line(tmp_path):
+    good = {"prompt": "The capital of France is", "answer": "Paris", "choices": ["Paris", "Rome"]}
+    line = json.dumps(good, ensure_ascii=False)
+    path = tmp_path / "d.jsonl"
+    # a BOM, Windows and old-Mac line ends, blank lines, and a very long line all read as written
+    long_prompt = "word " * 200_000 + "is"
+    variants = [b"\xef\xbb\xbf" + line.encode() + b"\r\n\r\n" + line.encode() + b"\r\n",
+                line.encode() + b"\r" + line.encode() + b"\r",
+                b"\n\n  \n" + line.encode() + b"\n\n",
+                json.dumps(good | {"prompt": long_prompt}).encode() + b"\n"]
+    for data in variants:
+        path.write_bytes(data)
+        items = read_jsonl(path)
+        assert {it.answer for it in items} == {"Paris"} and items[0].choices == ("Paris", "Rome")
+    assert read_jsonl(path)[0].prompt == long_prompt
+    path.write_bytes(line.encode() + b"\n" + json.dumps(good | {"prompt": "Caf\u00e9 is"}).encode("latin-1")
+                     .replace(b"\\u00e9", "\u00e9".encode("latin-1")) + b"\n")
+    with pytest.raises(mansu.MansuError, match=r"d.jsonl:2: not UTF-8 \(byte 0xe9"):
+        read_jsonl(path)
+    path.write_bytes(line.encode("utf-16"))
+    with pytest.raises(mansu.MansuError, match="UTF-16"):
+        read_jsonl(path)
+    path.write_text(json.dumps(good | {"choice": ["Paris", "Rome"]}) + "\n")
+    with pytest.raises(mansu.MansuError, match=r"d.jsonl:1: unknown field\(s\) \['choice'\]"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "\\ud800 is", "answer": "x"}\n')
+    with pytest.raises(mansu.MansuError, match="d.jsonl:1: .*lone surrogate"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "a", "answer": "b", "choices": {"b": 1, "c": 2}}\n')
+    with pytest.raises(mansu.MansuError, match="'choices' must be a list"):
+        read_jsonl(path)
+
+
+def test_check_disjoint_names_the_shared_prompt(capitals):
+    forget, retain = split(capitals, 5, seed=0)
+    mansu.data.check_disjoint(forget=forget, retain=retain, utility=None)
+    with pytest.raises(mansu.MansuError, match=r"1 prompt\(s\) are in both the forget and the retain.*"
+                       + forget[0].prompt):
+        mansu.data.check_disjoint(forget=forget, retain=retain + forget[:1])
+    with pytest.raises(mansu.MansuError, match="both the retain and the utility set"):
+        mansu.data.check_disjoint(forget=forget, retain=retain, utility=retain[:2])
+
+
+def test_paraphrases_round_trip_and_ask_the_same_fact(tmp_path):
+    record = {"prompt": "The capital of France is", "answer": "Paris", "choices": ["Paris", "Rome"],
+              "paraphrases": ["Q: What is the capital of France?\nA:", "France's capital city is"]}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (item,) = read_jsonl(path)
+    assert item.to_dict() == record and Item(**record) == item
+    assert [(p.prompt, p.answer, p.choices) for p in item.paraphrased()] == [
+        (prompt, "Paris", ("Paris", "Rome")) for prompt in record["paraphrases"]]
+    for bad in ("France's capital is", [""], [3]):
+        with pytest.raises(mansu.MansuError, match="paraphrases"):
+            load_items([record | {"paraphrases": bad}])

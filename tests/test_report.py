@@ -29,11 +29,19 @@ def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tin
     forget, retain = write_items(tmp_path / "f.jsonl", FACTS[:2]), write_items(tmp_path / "r.jsonl", FACTS[2:])
     out, saved = tmp_path / "report.json", tmp_path / "edited"
     assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", retain, "--method", "graddiff",
-                 "--formats", "nf4,q4_0", "--out", str(out), "--save", str(saved)]) == 0
+                 "--formats", "nf4,q4_0", "--out", str(out), "--save", str(saved), "--relearn"]) == 0
     report = json.loads(out.read_text())
     for when in ("before", "after"):
         for fmt in ("full", "nf4", "q4_0"):
-            assert {"forget_acc", "retain_acc"} <= set(report[when][fmt])
+            assert {"forget_acc", "retain_acc", "utility_acc", "generation_recall"} <= set(report[when][fmt])
+            assert report[when][fmt]["paraphrase_acc"] is None  # these items carry no paraphrases
+    # the default utility: bundled sets sharing no prompt with forget and retain (capitals does)
+    assert "capitals" not in report["utility_sets"] and {"elements", "languages"} <= set(report["utility_sets"])
+    assert report["n_utility"] == sum(min(40, len(mansu.load_bundled(n))) for n in report["utility_sets"])
+    assert report["relearn"]["n_train"] == 1 and set(report["relearn"]["after"]) == {"full", "nf4", "q4_0"}
+    utility = write_items(tmp_path / "u.jsonl", FACTS[2:3])
+    assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", retain, "--utility", utility,
+                 "--out", str(tmp_path / "u.json")]) == 2  # utility shares a prompt with retain: refused
     gap = report["after"]["nf4"]["forget_acc"] - report["after"]["full"]["forget_acc"]
     assert report["ptq_gap"]["nf4"] == pytest.approx(gap)
     assert {"changed", "flipped", "collateral", "fraction"} <= set(report["permanence"]["nf4"])
@@ -54,7 +62,7 @@ def test_table_and_plot_from_reports(tmp_path, tiny_dir):
         out = tmp_path / f"{method}.json"
         assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", retain, "--method", method,
                      "--out", str(out)]) == 0
-        reports.append(RunReport(**json.loads(out.read_text())))
+        reports.append(RunReport.from_json(out))
     table = comparison_table(reports)
     assert "ga" in table and "mansu" in table and "PTQ gap nf4" in table
     png = plot_update_ratios(reports, tmp_path / "plot.png")

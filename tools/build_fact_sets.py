@@ -76,7 +76,7 @@ def main() -> None:
         result = mansu.evaluate(model, tokenizer, items, progress=False)
         kept = [it for it, ok in zip(items, result.correct) if ok]
         print(f"{name}: kept {len(kept)} of {len(items)}")
-        mansu.data.write_jsonl(out / f"{name}.jsonl", kept)
+        mansu.data.write_jsonl(out / f"{name}.jsonl", kept, replace=True)  # the bundled sets are this tool's own
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .components import KINDS, Component, Components, Mask, find_components
 from .data import Item, batches
+from .config import check_types
 from .errors import MansuError
 from .evaluate import answer_logprob
 from .hooks import forward_hooks
@@ -173,6 +174,7 @@ class CircuitConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.steps < 1:
             raise MansuError(f"steps must be >= 1, got {self.steps}")
         if self.baseline not in ("zero", "mean"):

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from .errors import MansuError
 
 METHODS = ("mansu", "ga", "graddiff", "npo")
+DEMO_FILES = ("forget.jsonl", "retain.jsonl", "graddiff.json", "mansu.json", "table.txt", "update_ratios.png")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -19,6 +18,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     items = mansu.load_items(args.items)  # validate the cheap input before loading a model
     formats = [f for f in args.formats.split(",") if f]
+    if args.out:
+        mansu.files.claim(args.out)
     model, tokenizer = mansu.load_model(args.model, dtype=args.dtype)
     results = evaluate_formats(model, tokenizer, items, formats, batch_size=args.batch_size)
     for name, r in results.items():
@@ -31,9 +32,12 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from mansu.files import claim
     from mansu.models import resolve_model_path
     from mansu.quant import check
 
+    if args.json:
+        claim(args.json)
     certificate = check(resolve_model_path(args.before), resolve_model_path(args.after), args.format.split(","))
     print(certificate.table())
     if args.json:
@@ -46,14 +50,18 @@ def _run(args: argparse.Namespace) -> None:
     from mansu.report import run
 
     forget, retain = mansu.load_items(args.forget), mansu.load_items(args.retain)
+    utility = mansu.load_items(args.utility) if args.utility else None
+    mansu.data.check_disjoint(forget=forget, retain=retain, utility=utility)
+    mansu.files.claim(args.out)  # every output path is checked before the long work, not after it
+    if args.save:
+        mansu.models.claim_model_dir(args.save)
     if args.method == "mansu":
         config = mansu.MansuConfig(seed=args.seed)
     else:
         config = mansu.BaselineConfig(method=args.method, seed=args.seed)
-    if Path(args.out).is_dir():
-        raise MansuError(f"--out {args.out} is a directory; give a file name for the JSON report")
     model, tokenizer = mansu.load_model(args.model)
-    report = run(model, tokenizer, forget, retain, config, args.model, args.formats.split(","), save=args.save)
+    report = run(model, tokenizer, forget, retain, config, args.model, args.formats.split(","), save=args.save,
+                 utility=utility, relearn=args.relearn)
     report.save_json(args.out)
     print(report)
     print(f"wrote {args.out}" + (f" and the model to {args.save}" if args.save else ""))
@@ -63,24 +71,25 @@ def _demo(args: argparse.Namespace) -> None:
     import mansu
     from mansu.report import RunReport, comparison_table, plot_update_ratios
 
-    out = Path(args.out_dir)
+    out = mansu.files.claim_folder(args.out_dir, DEMO_FILES)  # new, or a previous demo's: never the user's
     forget, retain = mansu.split(mansu.load_bundled("capitals"), 10, seed=0)
     for name, items in (("forget", forget), ("retain", retain)):
-        mansu.data.write_jsonl(out / f"{name}.jsonl", items)
+        mansu.data.write_jsonl(out / f"{name}.jsonl", items, replace=True)
     print(f"demo: forget {len(forget)} capitals, retain {len(retain)}, on {mansu.EMBEDDED_MODEL}; "
           f"each method runs in its own process so its peak memory is its own")
     reports = []
     for method in ("graddiff", "mansu"):
         path = out / f"{method}.json"
         cmd = [sys.executable, "-m", "mansu", "run", "--method", method, "--forget", str(out / "forget.jsonl"),
-               "--retain", str(out / "retain.jsonl"), "--out", str(path), "--formats", "nf4", "--seed", str(args.seed)]
+               "--retain", str(out / "retain.jsonl"), "--out", str(path), "--formats", "nf4", "--seed", str(args.seed),
+               "--relearn"]
         print(f"\n== {method}: {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise MansuError(f"the {method} run failed (see its message above)")
-        reports.append(RunReport(**json.loads(path.read_text())))
+        reports.append(RunReport.from_json(path))
     table = comparison_table(reports)
     plot = plot_update_ratios(reports, out / "update_ratios.png")
-    mansu.files.write_text(out / "table.txt", table + "\n")
+    mansu.files.write_text(out / "table.txt", table + "\n", replace=True)
     print("\n" + table)
     print(f"\nwrote {out}/graddiff.json, {out}/mansu.json, {out}/table.txt and {plot}")
 
@@ -104,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--formats", default="nf4", help="comma-separated: nf4,nf4-dq,fp4,int8,q4_0,q4_1,q8_0")
     run.add_argument("--out", required=True, help="the JSON report (written atomically)")
     run.add_argument("--save", help="also save the edited model here (a normal Hugging Face directory)")
+    run.add_argument("--utility", help="JSONL items the edit never sees, scored before and after (default: the "
+                                       "bundled sets sharing no prompt with forget and retain)")
+    run.add_argument("--relearn", action="store_true",
+                     help="also attack the edit: fine-tune on half the forget set, score the other half")
     run.set_defaults(func=_run)
 
     ev = sub.add_parser("eval", help="cloze multiple-choice accuracy of a model on an item set")

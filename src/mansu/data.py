@@ -5,9 +5,11 @@ as lm-evaluation-harness does); `choices`, when given, are the candidates for mu
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,25 +24,35 @@ _BUNDLE = "mansu.datasets"
 
 @dataclass(frozen=True)
 class Item:
-    """One cloze fact: `prompt` continued by `answer`; `choices` (containing `answer`) for MC scoring."""
+    """One cloze fact: `prompt` continued by `answer`; `choices` (containing `answer`) for MC scoring;
+    `paraphrases`: other prompts asking the same fact (same answer and choices), to probe forgetting with."""
 
     prompt: str
     answer: str
     choices: tuple[str, ...] | None = None
+    paraphrases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("prompt", "answer"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise MansuError(f"item field {name!r} must be a non-empty string, got {value!r}")
+            _check_unicode(value, name)
         if self.choices is not None:
             if isinstance(self.choices, str) or not all(isinstance(c, str) and c.strip() for c in self.choices):
                 raise MansuError(f"item 'choices' must be a list of non-empty strings, got {self.choices!r}")
+            for choice in self.choices:
+                _check_unicode(choice, "choices")
             object.__setattr__(self, "choices", tuple(self.choices))
             if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices):
                 raise MansuError(f"item 'choices' needs at least 2 distinct strings, got {list(self.choices)}")
             if self.answer not in self.choices:
                 raise MansuError(f"answer {self.answer!r} is not among its choices {list(self.choices)}")
+        if isinstance(self.paraphrases, str) or not all(isinstance(p, str) and p.strip() for p in self.paraphrases):
+            raise MansuError(f"item 'paraphrases' must be a list of non-empty strings, got {self.paraphrases!r}")
+        for paraphrase in self.paraphrases:
+            _check_unicode(paraphrase, "paraphrases")
+        object.__setattr__(self, "paraphrases", tuple(self.paraphrases))
 
     @property
     def continuation(self) -> str:
@@ -50,12 +62,29 @@ class Item:
         out: dict[str, Any] = {"prompt": self.prompt, "answer": self.answer}
         if self.choices is not None:
             out["choices"] = list(self.choices)
+        if self.paraphrases:
+            out["paraphrases"] = list(self.paraphrases)
         return out
+
+    def paraphrased(self) -> list["Item"]:
+        """The item asked with each of its paraphrases instead of its prompt."""
+        return [Item(p, self.answer, self.choices) for p in self.paraphrases]
+
+
+def _check_unicode(text: str, name: str) -> None:
+    """Refuse text a tokenizer cannot encode (JSON allows lone surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MansuError(f"item field {name!r} holds invalid Unicode (a lone surrogate): {text!r}") from None
 
 
 def continuation(prompt: str, answer: str) -> str:
     """The text appended to `prompt`: the answer after one space (none if the prompt ends in one)."""
     return answer if prompt.endswith((" ", "\n")) else " " + answer
+
+
+_FIELDS = ("prompt", "answer", "choices", "paraphrases")
 
 
 def _item_from(record: Any, where: str) -> Item:
@@ -66,10 +95,32 @@ def _item_from(record: Any, where: str) -> Item:
     missing = [k for k in ("prompt", "answer") if k not in record]
     if missing:
         raise MansuError(f"{where}: missing field(s) {missing}; an item needs 'prompt' and 'answer'")
+    unknown = sorted(str(k) for k in record if k not in _FIELDS)
+    if unknown:  # a misspelt 'choices' would otherwise silently turn multiple choice off
+        raise MansuError(f"{where}: unknown field(s) {unknown}; an item has {list(_FIELDS)}")
+    for name in ("choices", "paraphrases"):
+        if record.get(name) is not None and not isinstance(record[name], (list, tuple)):
+            raise MansuError(f"{where}: {name!r} must be a list of strings, got {type(record[name]).__name__}")
     try:
-        return Item(record["prompt"], record["answer"], record.get("choices"))
+        return Item(record["prompt"], record["answer"], record.get("choices"), record.get("paraphrases") or ())
     except MansuError as err:
         raise MansuError(f"{where}: {err}") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(number, text) of each line of a UTF-8 file (a BOM is skipped; \\n, \\r\\n and \\r all end a line); a
+    line that is not UTF-8 is an error naming it, never a guessed decoding."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise MansuError(f"{path} is UTF-16 text; save it as UTF-8")
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    # JSON escapes line breaks inside strings, so every raw \r or \n ends a line.
+    for number, raw in enumerate(re.split(rb"\r\n|\r|\n", data), 1):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MansuError(f"{path}:{number}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                             "save the file as UTF-8") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Item]:
@@ -78,18 +129,29 @@ def read_jsonl(path: str | os.PathLike) -> list[Item]:
     if not path.is_file():
         raise MansuError(f"no such data file: {path}")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MansuError(f"{path}:{number}: malformed JSON ({err.msg})") from None
-            items.append(_item_from(record, f"{path}:{number}"))
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as err:  # ValueError: also a number too long to convert
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err) or type(err).__name__
+            raise MansuError(f"{path}:{number}: malformed JSON ({reason})") from None
+        items.append(_item_from(record, f"{path}:{number}"))
     if not items:
         raise MansuError(f"{path} holds no items")
     return items
+
+
+def check_disjoint(**sets: Sequence[Item] | None) -> None:
+    """Refuse a prompt in two of the named sets (e.g. `forget=..., retain=..., utility=...`; None skips one):
+    an item cannot be forgotten and kept, and utility must be what the edit never touches."""
+    prompts = {name: {it.prompt.strip() for it in items} for name, items in sets.items() if items is not None}
+    for (a, pa), (b, pb) in itertools.combinations(prompts.items(), 2):
+        shared = pa & pb
+        if shared:
+            raise MansuError(f"{len(shared)} prompt(s) are in both the {a} and the {b} set, e.g. "
+                             f"{sorted(shared)[0]!r}; remove it from one of them")
 
 
 def load_items(source: str | os.PathLike | Iterable[Any]) -> list[Item]:
@@ -104,11 +166,12 @@ def load_items(source: str | os.PathLike | Iterable[Any]) -> list[Item]:
     return items
 
 
-def write_jsonl(path: str | os.PathLike, items: Sequence[Item]) -> Path:
-    """Write items as JSON lines, atomically (the format `read_jsonl` reads)."""
+def write_jsonl(path: str | os.PathLike, items: Sequence[Item], replace: bool = False) -> Path:
+    """Write items as JSON lines, atomically (the format `read_jsonl` reads); an existing file only if
+    `replace` (see `mansu.files.claim`)."""
     from .files import write_text
 
-    return write_text(path, "".join(json.dumps(it.to_dict()) + "\n" for it in items))
+    return write_text(path, "".join(json.dumps(it.to_dict()) + "\n" for it in items), replace)
 
 
 def bundled_sets() -> list[str]:

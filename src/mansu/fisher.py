@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Batch, Item, encode
+from .config import check_types
 from .errors import MansuError
 from .evaluate import answer_logprob
 from .models import input_device, require_loaded
@@ -38,6 +39,7 @@ class FisherConfig:
     seed: int = 0  # for the sampled labels
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.kind not in FISHER_KINDS:
             raise MansuError(f"unknown Fisher kind {self.kind!r}; choose one of {FISHER_KINDS}")
         if self.samples < 1:
@@ -52,6 +54,7 @@ class BoundConfig:
     mode: str = "prune"  # "prune": keep the cheapest entries; "scale": shrink the whole update
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not (self.budget > 0 and math.isfinite(self.budget)):
             raise MansuError(f"budget must be a positive number, got {self.budget}")
         if self.mode not in BOUND_MODES:

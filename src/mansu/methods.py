@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Batch, Item, batches, encode_items
+from .config import check_types
 from .errors import MansuError
 from .evaluate import answer_logprob, evaluate
 
@@ -61,6 +62,7 @@ class BaselineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.method not in BASELINES:
             raise MansuError(f"unknown baseline {self.method!r}; choose one of {BASELINES}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

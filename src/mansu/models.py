@@ -6,6 +6,7 @@ directory (`$MANSU_CACHE`, default `~/.cache/mansu`) so later loads take a fract
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
 import shutil
@@ -60,25 +61,76 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def save_model(model, tokenizer, directory: str | os.PathLike) -> Path:
-    """`save_pretrained` model and tokenizer into `directory`, replacing it only once complete."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# The files `save_pretrained` writes for a model and its tokenizer: the only files a save may replace.
+_MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "special_tokens_map.json",
+                "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.*")
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _is_model_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _MODEL_FILES)
+
+
+def claim_model_dir(directory: str | os.PathLike) -> Path:
+    """`directory` as a place `save_model` may write: new, empty, or holding a saved model (config.json and
+    weights). Refuses a file and a non-empty directory holding no model: mansu never deletes the user's files."""
+    target = Path(directory).expanduser()
+    if target.exists() and not target.is_dir():
+        raise MansuError(f"cannot save the model to {target}: it is an existing file, not a directory")
+    if target.is_dir() and any(target.iterdir()):
+        holds_model = (target / "config.json").is_file() and any(
+            any(target.glob(pattern)) for pattern in _WEIGHTS)
+        if not holds_model:
+            raise MansuError(f"cannot save the model to {target}: the directory is not empty and holds no model "
+                             "(mansu saves into a new or empty directory, or over a model saved there before)")
     return target
+
+
+def save_model(model, tokenizer, directory: str | os.PathLike) -> Path:
+    """`save_pretrained` model and tokenizer into `directory`, like transformers does, but atomically: the
+    new files are written aside and swapped in only once complete, replacing only a previous save's model
+    and tokenizer files. The user's other files in the directory are never touched (see `claim_model_dir`)."""
+    target = claim_model_dir(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        if target.exists():
+            _swap_in(staged, target)
+        else:
+            os.replace(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return target
+
+
+def _swap_in(staged: Path, target: Path) -> None:
+    """Move the staged files into `target`, setting a previous save's files aside first; on any error,
+    Ctrl-C included, undo every move so the previous model is whole again."""
+    new = sorted(p.name for p in staged.iterdir())
+    clash = [n for n in new if (target / n).exists() and not _is_model_file(n)]
+    if clash:
+        raise MansuError(f"cannot save the model to {target}: it would replace {clash[0]}, which is not a model file")
+    old = sorted(p.name for p in target.iterdir() if _is_model_file(p.name))
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    set_aside, moved_in = [], []
+    try:
+        for name in old:
+            os.replace(target / name, aside / name)
+            set_aside.append(name)
+        for name in new:
+            os.replace(staged / name, target / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            os.replace(target / name, staged / name)
+        for name in reversed(set_aside):
+            os.replace(aside / name, target / name)
+        aside.rmdir()  # empty again; had the undo failed, the old files would still be there, not deleted
+        raise
+    shutil.rmtree(aside)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

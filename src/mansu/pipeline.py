@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .attribution import Circuit, CircuitConfig, attribute_circuit
-from .data import Item, encode_items
+from .data import Item, check_disjoint, encode_items
+from .config import check_types, from_dict
 from .errors import MansuError
 from .evaluate import answer_logprob, evaluate
 from .fisher import BoundConfig, Fisher, bound_update, diagonal_fisher, masked_grad_hooks
@@ -54,10 +55,10 @@ class MansuConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.objective not in ("ga", "npo"):
             raise MansuError(f"objective must be 'ga' or 'npo', got {self.objective!r}")
-        if isinstance(self.circuit, dict):
-            self.circuit = CircuitConfig(**self.circuit)
+        self.circuit = from_dict(CircuitConfig, self.circuit)
         if self.energy is not None:
             ProjectionConfig(energy=self.energy)  # validates
         if self.fisher_budget is not None:
@@ -105,6 +106,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     config = config or MansuConfig()
     if not forget or not retain:
         raise MansuError("unlearning needs a non-empty forget set and a non-empty retain set")
+    check_disjoint(forget=forget, retain=retain)
     if isinstance(config, BaselineConfig):
         return _baseline(model, tokenizer, forget, retain, config)
     if not isinstance(config, MansuConfig):

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Item, batches
+from .config import check_types
 from .errors import MansuError
 from .hooks import capture_inputs
 from .models import input_device
@@ -37,6 +38,7 @@ class ProjectionConfig:
     batch_size: int = 16  # retain items per forward pass while collecting covariances
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not 0 < self.energy <= 1:
             raise MansuError(f"energy must be in (0, 1], got {self.energy}")
         if self.batch_size < 1:

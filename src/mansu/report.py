@@ -7,16 +7,18 @@ brought knowledge back); the permanence certificate; CAD; the unlearning time an
 from __future__ import annotations
 
 import os
+import random
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from .data import Item
-from .files import atomic_write
+from . import __version__
+from .files import WRITTEN_BY, atomic_write, read_json
 from .results import Result
 
 
@@ -40,20 +42,40 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def accuracies(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
-               formats: Sequence[str], backend: str = "fake") -> dict[str, dict[str, float]]:
-    """{'full'|format: {forget_acc, retain_acc, forget_true_prob, retain_true_prob}}."""
-    from .evaluate import evaluate
-    from .quant import quantized_copy
+def default_utility(forget: Sequence[Item], retain: Sequence[Item], per_set: int = 40, seed: int = 0
+                    ) -> tuple[list[Item], list[str]]:
+    """Utility items the edit never sees: up to `per_set` items (seeded) of every bundled fact set that
+    shares no prompt with `forget` or `retain`; and those sets' names."""
+    from .data import bundled_sets, load_bundled
 
-    out: dict[str, dict[str, float]] = {}
-    for fmt in ["full", *formats]:
-        scored = model if fmt == "full" else quantized_copy(model, fmt, backend)  # one copy serves both sets
+    used = {it.prompt.strip() for it in [*forget, *retain]}
+    items, names = [], []
+    for name in bundled_sets():
+        facts = load_bundled(name)
+        if not used & {it.prompt.strip() for it in facts}:
+            items += random.Random(seed).sample(facts, min(per_set, len(facts)))
+            names.append(name)
+    return items, names
+
+
+def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Sequence[str],
+               probes: bool = True) -> dict[str, dict[str, float | None]]:
+    """{'full'|format: {<set>_acc, <set>_true_prob} for each named set (forget, retain, utility), and with
+    `probes` the forget set's paraphrase accuracy (None without paraphrases) and generation recall}."""
+    from .evaluate import evaluate
+    from .probes import generation_recall, paraphrase_items, variants
+
+    paraphrased = paraphrase_items(sets["forget"])
+    out: dict[str, dict[str, float | None]] = {}
+    for fmt, scored in variants(model, formats):  # one quantized copy serves every set
         out[fmt] = {}
-        for split_name, items in (("forget", forget), ("retain", retain)):
+        for name, items in sets.items():
             result = evaluate(scored, tokenizer, items, progress=False)
-            out[fmt] |= {f"{split_name}_acc": result.accuracy, f"{split_name}_true_prob": result.true_prob}
-        del scored
+            out[fmt] |= {f"{name}_acc": result.accuracy, f"{name}_true_prob": result.true_prob}
+        if probes:
+            out[fmt]["paraphrase_acc"] = (evaluate(scored, tokenizer, paraphrased, progress=False).accuracy
+                                          if paraphrased else None)
+            out[fmt]["generation_recall"] = generation_recall(scored, tokenizer, sets["forget"])
     return out
 
 
@@ -78,31 +100,49 @@ class RunReport(Result):
     edited_fraction: float  # fraction of the model's parameters the edit changed
     config: dict[str, Any] = field(default_factory=dict)
     update_ratio_sample: list[float] = field(default_factory=list)  # |update| / NF4 bin width, for the plot
+    converged: bool | None = None  # the method met its own forget target (see UnlearnResult.converged)
+    n_utility: int = 0  # items of the untouched utility set (`utility_acc` in before/after)
+    utility_sets: list[str] = field(default_factory=list)  # bundled sets it was drawn from, if by default
+    relearn: dict[str, Any] | None = None  # the relearning attack after the edit (mansu.probes.RelearnResult)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "RunReport":
+        """A report saved by `save_json` (e.g. by `mansu run --out`)."""
+        return cls(**read_json(path))
 
     def summary(self) -> dict[str, Any]:
         fmt = self.formats[0] if self.formats else None
-        out = {"method": self.method, "forget_full": self.after["full"]["forget_acc"],
-               "retain_full": self.after["full"]["retain_acc"]}
+        out = {"method": self.method, "converged": self.converged, "forget_full": self.after["full"]["forget_acc"],
+               "utility_full": self.after["full"].get("utility_acc"), "retain_full": self.after["full"]["retain_acc"]}
         if fmt:
-            out |= {f"forget_{fmt}": self.after[fmt]["forget_acc"], f"retain_{fmt}": self.after[fmt]["retain_acc"],
+            out |= {f"forget_{fmt}": self.after[fmt]["forget_acc"], f"utility_{fmt}": self.after[fmt].get("utility_acc"),
                     f"ptq_gap_{fmt}": self.ptq_gap[fmt], "flip_fraction": self.permanence[fmt]["fraction"]}
         return out | {"cad": self.cad, "unlearn_s": self.timing_s.get("unlearn")}
 
 
 def comparison_table(reports: Sequence[RunReport], fmt: str = "nf4") -> str:
-    """Side-by-side table of runs: forget/retain accuracy full and quantized, gap, flips, CAD, time, memory."""
+    """Side-by-side table of runs: forgetting (full, quantized, gap), untouched utility, the probes of
+    forgetting beyond the prompt, retain, flips, CAD, time and memory. '-' marks what a run did not measure."""
     def num(x: Any, spec: str = ".2f") -> str:
         return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
 
-    cols = ["", "forget full", f"forget {fmt}", "retain full", f"retain {fmt}", f"PTQ gap {fmt}",
-            "flipped/changed", "CAD", "unlearn s", "peak MiB"]
-    rows = [["before"] + [num(reports[0].before["full"]["forget_acc"]), num(reports[0].before[fmt]["forget_acc"]),
-                          num(reports[0].before["full"]["retain_acc"]), num(reports[0].before[fmt]["retain_acc"]),
-                          "", "", "", "", ""]]
+    def accuracy_cells(acc: dict[str, dict[str, float | None]]) -> list[str]:
+        return [num(acc[f].get(key)) for key, f in (("forget_acc", "full"), ("forget_acc", fmt),
+                                                   ("utility_acc", "full"), ("utility_acc", fmt),
+                                                   ("paraphrase_acc", "full"), ("paraphrase_acc", fmt),
+                                                   ("generation_recall", "full"), ("retain_acc", "full"))]
+
+    def relearned(r: RunReport) -> str:
+        return "-" if r.relearn is None else f"{num(r.relearn['before']['full'])}->{num(r.relearn['after']['full'])}"
+
+    cols = ["", "forget full", f"forget {fmt}", f"PTQ gap {fmt}", "utility full", f"utility {fmt}",
+            "paraphr full", f"paraphr {fmt}", "gen recall", "retain full", "relearn", "flipped/changed", "CAD",
+            "unlearn s", "peak MiB"]
+    before = accuracy_cells(reports[0].before)
+    rows = [["before", *before[:2], "", *before[2:], "", "", "", "", ""]]
     for r in reports:
-        perm = r.permanence[fmt]
-        rows.append([r.method, num(r.after["full"]["forget_acc"]), num(r.after[fmt]["forget_acc"]),
-                     num(r.after["full"]["retain_acc"]), num(r.after[fmt]["retain_acc"]), num(r.ptq_gap[fmt], "+.2f"),
+        perm, cells = r.permanence[fmt], accuracy_cells(r.after)
+        rows.append([r.method, *cells[:2], num(r.ptq_gap[fmt], "+.2f"), *cells[2:], relearned(r),
                      f"{perm['flipped']}/{perm['changed']}", num(r.cad, ".3f"), num(r.timing_s["unlearn"], ".0f"),
                      num(r.peak_rss_mb_unlearn, ".0f")])
     widths = [max(len(str(row[i])) for row in [cols] + rows) for i in range(len(cols))]
@@ -129,28 +169,40 @@ def plot_update_ratios(reports: Sequence[RunReport], path: str | os.PathLike) ->
     ax.set_xlabel("log10(|update| / NF4 bin width)  per changed weight")
     ax.set_ylabel("density")
     ax.set_title("Edit size per changed weight, in NF4 bin widths", fontsize=11)
-    ax.legend(loc="upper left", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no edit changed a weight: nothing to label
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        mark = {"Software": f"{WRITTEN_BY} {__version__}"}  # lets a later run know it may replace this file
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata=mark))
     finally:
         plt.close(fig)
 
 
 def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config, model_name: str = "",
-        formats: Sequence[str] = ("nf4",), save: str | os.PathLike | None = None) -> RunReport:
-    """Evaluate, unlearn (in place), evaluate again, check permanence and CAD: one method's report."""
+        formats: Sequence[str] = ("nf4",), save: str | os.PathLike | None = None,
+        utility: Sequence[Item] | None = None, relearn: bool = False) -> RunReport:
+    """Evaluate, unlearn (in place), evaluate again, check permanence and CAD: one method's report.
+    `utility`: items the edit never sees (default: the bundled sets unrelated to forget and retain);
+    `relearn`: also run `mansu.probes.relearn_attack` on the edited model."""
     from .attribution import attribute_circuit
     from .cad import cad
+    from .data import check_disjoint
     from .pipeline import MansuConfig, unlearn
     from .models import save_model
+    from .probes import relearn_attack
     from .quant import check, parse_formats
 
     start = time.perf_counter()
     formats = [f.name for f in parse_formats(formats)]
     if "nf4" not in formats:
         formats.insert(0, "nf4")  # the deployed format the paper's properties are stated for
-    before = accuracies(model, tokenizer, forget, retain, formats)
+    utility_sets: list[str] = []
+    if utility is None:
+        utility, utility_sets = default_utility(forget, retain)
+    check_disjoint(forget=forget, retain=retain, utility=utility)
+    sets = {"forget": forget, "retain": retain} | ({"utility": utility} if utility else {})
+    before = accuracies(model, tokenizer, sets, formats)
     # CAD needs the original model's forget circuit. MANSU finds it as its first (timed) step; for the
     # baselines it is attributed here, before the edit and outside the timed procedure.
     circuit = None if isinstance(config, MansuConfig) else attribute_circuit(
@@ -161,7 +213,8 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     result = unlearn(model, tokenizer, forget, retain, config)
     unlearn_s = time.perf_counter() - tick
     peak_unlearn = peak_rss_mb()
-    after = accuracies(model, tokenizer, forget, retain, formats)
+    after = accuracies(model, tokenizer, sets, formats)
+    attack = relearn_attack(model, tokenizer, forget, formats) if relearn else None
     certificate = check(original, model, formats)
     del original
     # CAD needs the forget circuit of the original model; baselines have none, so it is attributed here
@@ -181,5 +234,6 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
                   "total": time.perf_counter() - start},
         peak_rss_mb=peak_rss_mb(), peak_rss_mb_unlearn=peak_unlearn,
         edited_fraction=nf4.changed / sum(p.numel() for p in model.parameters()),
-        config=result.config, update_ratio_sample=nf4.ratio_sample.tolist(),
+        config=result.config, update_ratio_sample=nf4.ratio_sample.tolist(), converged=result.converged,
+        n_utility=len(utility), utility_sets=utility_sets, relearn=attack.to_dict() if attack else None,
     )

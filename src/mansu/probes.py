@@ -1,0 +1,116 @@
+"""Probes of forgetting beyond the exact prompt: paraphrases, free generation, and a relearning attack.
+
+Multiple-choice accuracy on the very prompts an edit trained on can be met by a brittle edit. These probes
+ask harder questions: the same facts asked in other words (`Item.paraphrases`); whether greedy decoding
+still writes the answer; and whether a few fine-tuning steps on half of the forgotten facts bring back the
+other half (a relearning attack: knowledge that was only suppressed comes back fast). Each runs on the
+full-precision model and on quantized copies.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .data import Item, encode_items
+from .errors import MansuError
+from .evaluate import evaluate, model_device
+from .methods import check_finite, retain_loss
+from .results import Result
+
+
+def variants(model: nn.Module, formats: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
+    """('full', model), then (fmt, a quantized copy) for each format, each copy freed once the caller moves on."""
+    from .quant import quantized_copy
+
+    yield "full", model
+    for fmt in formats:
+        copy_ = quantized_copy(model, fmt)
+        yield fmt, copy_
+        del copy_
+
+
+def paraphrase_items(items: Sequence[Item]) -> list[Item]:
+    """Every item asked with each of its paraphrases (empty when no item has any)."""
+    return [p for it in items for p in it.paraphrased()]
+
+
+@torch.no_grad()
+def generation_recall(model: nn.Module, tokenizer, items: Sequence[Item], max_new_tokens: int = 8,
+                      batch_size: int = 32) -> float:
+    """Fraction of items whose greedy continuation of the prompt starts with the answer (case and leading
+    whitespace ignored): recall without the help of choices."""
+    if not items:
+        raise MansuError("generation recall needs at least one item")
+    hits, side = 0, tokenizer.padding_side
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        tokenizer.padding_side = "left"  # generation continues from the last position: pad on the left
+        try:
+            enc = tokenizer([it.prompt for it in chunk], return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+        enc = enc.to(model_device(model))
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        hits += sum(text.strip().lower().startswith(it.answer.strip().lower()) for text, it in zip(texts, chunk))
+    return hits / len(items)
+
+
+@dataclass(repr=False)
+class RelearnResult(Result):
+    """A relearning attack: fine-tune on `n_train` forgotten items, then score the other `n_eval`."""
+
+    steps: int
+    lr: float
+    n_train: int
+    n_eval: int
+    before: dict[str, float]  # accuracy on the held-out forgotten items before the attack, per format
+    after: dict[str, float]  # ... and after it
+    train_nll: tuple[float, float]  # answer NLL of the items trained on, before and after: the attack took
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": self.steps, "lr": self.lr, "n_train": self.n_train, "n_eval": self.n_eval,
+                **{f"{k}_before": v for k, v in self.before.items()}, **{f"{k}_after": v for k, v in self.after.items()}}
+
+
+def relearn_attack(model: nn.Module, tokenizer, forget: Sequence[Item], formats: Sequence[str] = ("nf4",),
+                   steps: int = 10, lr: float = 1e-5, seed: int = 0) -> RelearnResult:
+    """Fine-tune a copy of `model` (AdamW, `steps` steps on the answers' NLL) on half of `forget`, chosen
+    under `seed`, and score the other half before and after, in full precision and each format. `model`
+    itself is left as it was."""
+    if len(forget) < 2:
+        raise MansuError("a relearning attack needs at least 2 forget items: half to train on, half to score")
+    if steps < 1 or not lr > 0:
+        raise MansuError(f"relearning needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    order = list(range(len(forget)))
+    random.Random(seed).shuffle(order)
+    half = len(forget) // 2
+    train, held = [forget[i] for i in order[:half]], [forget[i] for i in order[half:]]
+
+    def accuracies(m: nn.Module) -> dict[str, float]:
+        return {name: evaluate(q, tokenizer, held, progress=False).accuracy for name, q in variants(m, formats)}
+
+    before = accuracies(model)
+    attacked = copy.deepcopy(model)
+    batch = encode_items(tokenizer, train)
+    optimizer = torch.optim.AdamW(attacked.parameters(), lr=lr, weight_decay=0.0)
+    attacked.train()
+    losses = []
+    for step in range(1, steps + 1):
+        loss = retain_loss(attacked, batch)  # the answers' NLL: learning them again
+        check_finite(loss, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    attacked.eval()
+    with torch.no_grad():
+        losses.append(retain_loss(attacked, batch).item())
+    after = accuracies(attacked)
+    return RelearnResult(steps, lr, len(train), len(held), before, after, (losses[0], losses[-1]))

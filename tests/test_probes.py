@@ -1,0 +1,56 @@
+"""Probes of forgetting beyond the exact prompt: paraphrases, greedy generation, the relearning attack."""
+import pytest
+import torch
+
+import mansu
+from mansu.data import Item
+from mansu.probes import generation_recall, paraphrase_items, relearn_attack
+
+from conftest import make_tiny
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in LM whose greedy continuation of each prompt is scripted: tests the counting alone."""
+
+    def __init__(self, tokenizer, replies):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.replies, self.padding_seen = tokenizer, replies, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
+        self.padding_seen.append(bool((attention_mask[:, 0] == 0).any()))  # left padding: zeros come first
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            prompt = self.tokenizer.decode(ids[mask.bool()])
+            reply = self.tokenizer(self.replies[prompt], add_special_tokens=False).input_ids[:max_new_tokens]
+            rows.append(torch.cat([ids, torch.tensor(reply + [pad_token_id] * (max_new_tokens - len(reply)))]))
+        return torch.stack(rows)
+
+
+def test_generation_recall_counts_continuations_that_start_with_the_answer(tokenizer):
+    items = [Item("The capital of France is", "Paris"), Item("The capital of Peru, a country in South America, is",
+                                                             "Lima"), Item("Rome is the capital of", "Italy")]
+    replies = {items[0].prompt: " paris, of course", items[1].prompt: " not Lima", items[2].prompt: "\nItaly."}
+    model = Scripted(tokenizer, replies)
+    assert generation_recall(model, tokenizer, items, batch_size=2) == pytest.approx(2 / 3)
+    assert model.padding_seen == [True, False] and tokenizer.padding_side == "right"
+    with pytest.raises(mansu.MansuError):
+        generation_recall(model, tokenizer, [])
+
+
+def test_paraphrase_items_ask_each_fact_in_each_wording():
+    items = [Item("a is", "x", ("x", "y"), ("A is", "Q: a?\nA:")), Item("b is", "y", ("x", "y"))]
+    assert [(p.prompt, p.answer, p.choices) for p in paraphrase_items(items)] == [
+        ("A is", "x", ("x", "y")), ("Q: a?\nA:", "x", ("x", "y"))]
+
+
+def test_relearn_attack_trains_a_copy_and_scores_the_other_half(tokenizer, capitals):
+    model = make_tiny("llama", tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = relearn_attack(model, tokenizer, capitals[:7], formats=("nf4",), steps=5, lr=1e-3)
+    assert (result.n_train, result.n_eval) == (3, 4) and set(result.after) == {"full", "nf4"}
+    assert result.train_nll[1] < result.train_nll[0]  # the attack did learn the items it trained on
+    assert all((model.state_dict()[k] == v).all() for k, v in before.items())  # the edited model is untouched
+    assert "full_after" in repr(result) and result.to_dict()["train_nll"] == list(result.train_nll)
+    with pytest.raises(mansu.MansuError, match="at least 2"):
+        relearn_attack(model, tokenizer, capitals[:1])
