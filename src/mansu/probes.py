@@ -18,7 +18,8 @@ from torch import nn
 
 from .data import Item, encode_items
 from .errors import MansuError
-from .evaluate import evaluate, model_device
+from .evaluate import evaluate
+from .models import input_device
 from .methods import check_finite, retain_loss
 from .results import Result
 
@@ -54,7 +55,7 @@ def generation_recall(model: nn.Module, tokenizer, items: Sequence[Item], max_ne
             enc = tokenizer([it.prompt for it in chunk], return_tensors="pt", padding=True)
         finally:
             tokenizer.padding_side = side
-        enc = enc.to(model_device(model))
+        enc = enc.to(input_device(model))
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
