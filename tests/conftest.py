@@ -40,6 +40,22 @@ ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
 DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def boundary_heavy_edit(qt: str, dtype: torch.dtype, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 300x250 weight (1171 full blocks and a padded tail: the compiled path) and an edit that also puts
+    weights exactly on their block's decision boundaries, where a rounding slip would show."""
+    torch.manual_seed(8)
+    before = (torch.randn(300, 250) * 0.05).to(dtype)
+    after = before.clone()
+    mask = torch.rand(before.shape) < density
+    after[mask] += (torch.randn(int(mask.sum())) * 0.01).to(dtype)
+    blocks = after.view(-1)[: 64 * 200].view(200, 64).float()
+    mids = mansu.quant.get_format(qt).midpoints()
+    absmax = blocks.abs().amax(1, keepdim=True)
+    blocks[:, 1:16] = (mids * absmax).to(dtype).float()  # position 0 may hold the absmax: leave it
+    after.view(-1)[: 64 * 200] = blocks.view(-1).to(dtype)
+    return before, after
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's tokenizer (converted once into the cache)."""

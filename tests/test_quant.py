@@ -9,6 +9,9 @@ import torch
 import mansu
 from mansu import quant
 from mansu.errors import MansuError
+from mansu.quant import certificate
+
+from conftest import boundary_heavy_edit
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -174,32 +177,16 @@ def test_check_counts_match_bitsandbytes(qt, density, dtype):
     assert c.fraction == pytest.approx(c.flipped / c.changed)
 
 
-def boundary_heavy_edit(qt: str, dtype: torch.dtype, density: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 300x250 weight (1171 full blocks and a padded tail: the compiled path) and an edit that also puts
-    weights exactly on their block's decision boundaries, where a rounding slip would show."""
-    torch.manual_seed(8)
-    before = (torch.randn(300, 250) * 0.05).to(dtype)
-    after = before.clone()
-    mask = torch.rand(before.shape) < density
-    after[mask] += (torch.randn(int(mask.sum())) * 0.01).to(dtype)
-    blocks = after.view(-1)[: 64 * 200].view(200, 64).float()
-    mids = quant.get_format(qt).midpoints()
-    absmax = blocks.abs().amax(1, keepdim=True)
-    blocks[:, 1:16] = (mids * absmax).to(dtype).float()  # position 0 may hold the absmax: leave it
-    after.view(-1)[: 64 * 200] = blocks.view(-1).to(dtype)
-    return before, after
-
-
 def spy_on_fused_kernel(monkeypatch) -> list[int]:
     """Lower the fused kernel's threshold to test sizes; returns the row counts it is called with."""
-    calls, kernel = [], quant._fused_absmax_counts
+    calls, kernel = [], certificate._fused_absmax_counts
 
     def spy(b, a, mids):
         calls.append(len(b))
         return kernel(b, a, mids)
 
-    monkeypatch.setattr(quant, "_FUSED_MIN_BLOCKS", 100)
-    monkeypatch.setattr(quant, "_fused_absmax_counts", spy)
+    monkeypatch.setattr(certificate, "_FUSED_MIN_BLOCKS", 100)
+    monkeypatch.setattr(certificate, "_fused_absmax_counts", spy)
     return calls
 
 
@@ -212,7 +199,7 @@ def test_compiled_check_counts_match_bitsandbytes(qt, density, dtype, monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the compiled kernel ran, no eager fallback
         c = quant.check({"w": before}, {"w": after}, [qt], layout={"w": False})[qt]
-    assert calls and quant._fused_kernel is not quant._absmax_counts
+    assert calls and certificate._fused_kernel is not certificate._absmax_counts
     assert (c.changed, c.flipped, c.collateral) == bnb_check(before, after, qt)
     assert c.flipped > 0
 
@@ -223,17 +210,17 @@ def test_check_warns_and_counts_eagerly_when_compiling_fails(monkeypatch):
             raise RuntimeError("no C++ compiler")
         return run
 
-    monkeypatch.setattr(quant, "_fused_kernel", None)
+    monkeypatch.setattr(certificate, "_fused_kernel", None)
     monkeypatch.setattr(torch, "compile", broken_compile)
     before, after = boundary_heavy_edit("nf4", torch.float32, 0.3)
     small = quant.check({"w": before}, {"w": after}, "nf4", layout={"w": False})["nf4"]  # under the threshold
-    assert quant._fused_kernel is None  # ... so the compiler was not touched
+    assert certificate._fused_kernel is None  # ... so the compiler was not touched
     calls = spy_on_fused_kernel(monkeypatch)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         c = quant.check({"w": before}, {"w": after}, "nf4", layout={"w": False})["nf4"]
     assert (c.changed, c.flipped, c.collateral) == (small.changed, small.flipped, small.collateral) \
         == bnb_check(before, after, "nf4")
-    assert calls and quant._fused_kernel is quant._absmax_counts
+    assert calls and certificate._fused_kernel is certificate._absmax_counts
 
 
 def test_check_sparse_and_dense_paths_agree_for_every_format():

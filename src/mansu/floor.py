@@ -22,8 +22,7 @@ _NUDGES = 16  # casting to bf16 moves a value by at most half an ulp; a few ulps
 def _target_values(fmt: Format, a: Tensor, scale: Tensor, target: Tensor, margin: float, mode: str
                    ) -> tuple[Tensor, Tensor]:
     """Where each moved weight goes inside its target bin, and the bin's middle; weight units, fp32."""
-    lv, mids = fmt.levels_tensor(), fmt.midpoints()
-    edges = torch.cat([lv[:1], mids, lv[-1:]])  # the outermost bins end at +-1: the block's absmax
+    lv, edges = fmt.levels_tensor(target.device), fmt.edges(target.device)  # outermost bins end at the absmax
     lo, hi = edges[target], edges[target + 1]
     middle = (lo + hi) / 2
     if mode == "snap":
@@ -35,6 +34,21 @@ def _target_values(fmt: Format, a: Tensor, scale: Tensor, target: Tensor, margin
         width = hi - lo
         goal = torch.clamp(a / scale, lo + margin * width, hi - margin * width)
     return goal * scale, middle * scale
+
+
+def _plan_moves(fmt: Format, b: Tensor, a: Tensor, absmax: Tensor, tail: bool, margin: float, mode: str
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For touched fp32 blocks `b` -> `a` under their fixed `absmax` [blocks, 1]: which weights move, their
+    target bin, where they go in it and the bin's middle (weight units)."""
+    code = codes_at_scale(fmt, b, absmax[:, 0], tail)
+    up = a > b
+    landed = codes_at_scale(fmt, a, absmax[:, 0], tail)  # block scales stay fixed, so this is final
+    target = torch.where(up, torch.maximum(landed, code + 1), torch.minimum(landed, code - 1))
+    # Absmax elements keep the block's scale; an outward move from the outermost level has nowhere to go.
+    move = (a != b) & (b.abs() < absmax) & (target >= 0) & (target < len(fmt.levels))
+    target = target.clamp(0, len(fmt.levels) - 1)
+    goal, middle = _target_values(fmt, a, absmax, target, margin, mode)
+    return move, target, goal, middle
 
 
 def floor_update(
@@ -69,14 +83,7 @@ def floor_update(
     tail = tail and bool(touched[-1])
     b, a = full[idx], after[idx]
     absmax = b.abs().amax(1, keepdim=True)
-    code = codes_at_scale(fmt, b, absmax[:, 0], tail)
-    up = a > b
-    landed = codes_at_scale(fmt, a, absmax[:, 0], tail)  # block scales stay fixed, so this is final
-    target = torch.where(up, torch.maximum(landed, code + 1), torch.minimum(landed, code - 1))
-    # Absmax elements keep the block's scale; an outward move from the outermost level has nowhere to go.
-    move = (a != b) & (b.abs() < absmax) & (target >= 0) & (target < len(fmt.levels))
-    target = target.clamp(0, len(fmt.levels) - 1)
-    goal, middle = _target_values(fmt, a, absmax, target, margin, mode)
+    move, target, goal, middle = _plan_moves(fmt, b, a, absmax, tail, margin, mode)
     new, inward = goal.to(original.dtype), middle.to(original.dtype)
     for _ in range(_NUDGES):  # the model's dtype may round a value over an edge or onto the absmax
         bad = move & ((codes_at_scale(fmt, new.float(), absmax[:, 0], tail) != target) | (new.float().abs() >= absmax))
