@@ -9,6 +9,7 @@ full-precision model and on quantized copies.
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -61,6 +62,28 @@ def generation_recall(model: nn.Module, tokenizer, items: Sequence[Item], max_ne
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
         hits += sum(text.strip().lower().startswith(it.answer.strip().lower()) for text, it in zip(texts, chunk))
     return hits / len(items)
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """How much of a fact set a model still knows."""
+
+    score: float  # fraction of items known: multiple-choice accuracy with choices, greedy recall without
+    belief: float  # mean probability of the true answer: among the choices, or per answer token without
+
+
+def knowledge(model: nn.Module, tokenizer, items: Sequence[Item]) -> Knowledge:
+    """`Knowledge` of `items`, which may mix items with and without choices (the edit's stopping rule)."""
+    parts = []  # (items, score, belief) per kind of item
+    with_choices = [it for it in items if it.choices]
+    without = [it for it in items if not it.choices]
+    if with_choices:
+        result = evaluate(model, tokenizer, with_choices, progress=False)
+        parts.append((len(with_choices), result.accuracy, result.true_prob))
+    if without:
+        result = evaluate(model, tokenizer, without, progress=False)
+        parts.append((len(without), generation_recall(model, tokenizer, without), math.exp(-result.answer_nll)))
+    return Knowledge(*(sum(n * part[i] for n, *part in parts) / len(items) for i in (0, 1)))
 
 
 @dataclass(repr=False)
