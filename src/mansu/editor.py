@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .data import Item, encode_items
 from .evaluate import answer_logprob
-from .fisher import Fisher, bound_update, masked_grad_hooks
+from .fisher import BoundConfig, Fisher, bound_update, masked_grad_hooks
 from .floor import floor_update
 from .methods import check_finite, forget_loss, retain_loss
 from .probes import knowledge
@@ -178,7 +178,7 @@ class Editor:
             if remaining <= 0:
                 return {}
             full = {n: self.dense(n, d) for n, d in moves.items() if d.any()}
-            bounded = bound_update(self.fisher, full, remaining, mode="prune")
+            bounded = bound_update(self.fisher, full, BoundConfig(remaining, "prune")).update
             moves = {n: d[self.mask[n]] for n, d in bounded.items()}
         return {n: d for n, d in moves.items() if d.any()}
 
