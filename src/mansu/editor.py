@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -248,6 +249,7 @@ class Editor:
         best, since_best = math.inf, 0
         bar = tqdm(range(1, cfg.max_rounds + 1), desc="mansu", leave=False, disable=not cfg.progress)
         for step in bar:
+            tick = time.perf_counter()
             retain_batch = encode_items(tokenizer, rng.sample(list(retain), min(cfg.retain_sample, len(retain))))
             forget_grads, retain_grads, directions, losses = self.gradients(forget_batch, retain_batch, ref, step)
             moves = self.propose(forget_grads, retain_grads, directions)
@@ -262,7 +264,8 @@ class Editor:
                     self.undo(moves)
                     record["undone"] = True
             full, quant = knowledge(self.model, tokenizer, forget), knowledge(self.quantized, tokenizer, forget)
-            record |= {"edited": self.edited_count(), "fisher_cost": self.spent, "forget_acc_full": full.score,
+            record |= {"seconds": time.perf_counter() - tick,  # the round alone (a growth comes after it)
+                       "edited": self.edited_count(), "fisher_cost": self.spent, "forget_acc_full": full.score,
                        f"forget_acc_{cfg.format}": quant.score, "forget_true_prob_full": full.belief,
                        f"forget_true_prob_{cfg.format}": quant.belief}
             rounds.append(record)

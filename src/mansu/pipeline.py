@@ -142,6 +142,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     timing["fisher_projection"], tick = time.perf_counter() - tick, time.perf_counter()
 
     editor = Editor(model, mask, layout, fisher, projector, config)
+    timing["edit_setup"], tick = time.perf_counter() - tick, time.perf_counter()
     growths = 0
 
     def grow(editor: Editor) -> bool:
