@@ -172,6 +172,7 @@ class CircuitConfig:
     kv: bool = True  # a head owns the rows of the KV head it reads (shared with its GQA group)
     batch_size: int = 16
     progress: bool = True
+    random: bool = False  # ablation: as many components per kind as selected, but drawn at random (seed 0)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -254,6 +255,18 @@ def select(forget: Scores, config: CircuitConfig, retain: Scores | None = None) 
     return sorted(chosen)
 
 
+def random_like(components: list[Component], scores: Scores, seed: int = 0) -> list[Component]:
+    """As many components of each kind as `components` holds, drawn uniformly at random (the ablation's
+    circuit: the same size, no attribution)."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for kind, shape in ((k, s.shape) for k, s in scores.items()):
+        n = sum(c.kind == kind for c in components)
+        picks = torch.randperm(shape[0] * shape[1], generator=gen)[:n].tolist()
+        chosen += [Component(kind, i // shape[1], i % shape[1]) for i in picks]
+    return sorted(chosen)
+
+
 def attribute_circuit(
     model: nn.Module, tokenizer, forget: Sequence[Item], retain: Sequence[Item] | None = None,
     config: CircuitConfig | None = None,
@@ -267,6 +280,8 @@ def attribute_circuit(
     forget_scores = attribute(model, tokenizer, forget, **kwargs)
     retain_scores = attribute(model, tokenizer, retain, **kwargs) if retain is not None else None
     components = select(forget_scores, config, retain_scores)
+    if config.random:
+        components = random_like(components, forget_scores)
     comps: Components = find_components(model)
     mask = comps.mask(model, components, kv=config.kv)
     return Circuit(

@@ -9,6 +9,7 @@ full-precision model and on quantized copies.
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -18,7 +19,8 @@ from torch import nn
 
 from .data import Item, encode_items
 from .errors import MansuError
-from .evaluate import evaluate, model_device
+from .evaluate import evaluate
+from .models import input_device
 from .methods import check_finite, retain_loss
 from .results import Result
 
@@ -54,12 +56,34 @@ def generation_recall(model: nn.Module, tokenizer, items: Sequence[Item], max_ne
             enc = tokenizer([it.prompt for it in chunk], return_tensors="pt", padding=True)
         finally:
             tokenizer.padding_side = side
-        enc = enc.to(model_device(model))
+        enc = enc.to(input_device(model))
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
         hits += sum(text.strip().lower().startswith(it.answer.strip().lower()) for text, it in zip(texts, chunk))
     return hits / len(items)
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """How much of a fact set a model still knows."""
+
+    score: float  # fraction of items known: multiple-choice accuracy with choices, greedy recall without
+    belief: float  # mean probability of the true answer: among the choices, or per answer token without
+
+
+def knowledge(model: nn.Module, tokenizer, items: Sequence[Item]) -> Knowledge:
+    """`Knowledge` of `items`, which may mix items with and without choices (the edit's stopping rule)."""
+    parts = []  # (items, score, belief) per kind of item
+    with_choices = [it for it in items if it.choices]
+    without = [it for it in items if not it.choices]
+    if with_choices:
+        result = evaluate(model, tokenizer, with_choices, progress=False)
+        parts.append((len(with_choices), result.accuracy, result.true_prob))
+    if without:
+        result = evaluate(model, tokenizer, without, progress=False)
+        parts.append((len(without), generation_recall(model, tokenizer, without), math.exp(-result.answer_nll)))
+    return Knowledge(*(sum(n * part[i] for n, *part in parts) / len(items) for i in (0, 1)))
 
 
 @dataclass(repr=False)

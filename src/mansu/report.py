@@ -104,6 +104,7 @@ class RunReport(Result):
     n_utility: int = 0  # items of the untouched utility set (`utility_acc` in before/after)
     utility_sets: list[str] = field(default_factory=list)  # bundled sets it was drawn from, if by default
     relearn: dict[str, Any] | None = None  # the relearning attack after the edit (mansu.probes.RelearnResult)
+    cad_nf4: float | None = None  # CAD of the edited model's NF4 copy against the original circuit
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "RunReport":
@@ -117,7 +118,7 @@ class RunReport(Result):
         if fmt:
             out |= {f"forget_{fmt}": self.after[fmt]["forget_acc"], f"utility_{fmt}": self.after[fmt].get("utility_acc"),
                     f"ptq_gap_{fmt}": self.ptq_gap[fmt], "flip_fraction": self.permanence[fmt]["fraction"]}
-        return out | {"cad": self.cad, "unlearn_s": self.timing_s.get("unlearn")}
+        return out | {"cad": self.cad, "cad_nf4": self.cad_nf4, "unlearn_s": self.timing_s.get("unlearn")}
 
 
 def comparison_table(reports: Sequence[RunReport], fmt: str = "nf4") -> str:
@@ -137,13 +138,14 @@ def comparison_table(reports: Sequence[RunReport], fmt: str = "nf4") -> str:
 
     cols = ["", "forget full", f"forget {fmt}", f"PTQ gap {fmt}", "utility full", f"utility {fmt}",
             "paraphr full", f"paraphr {fmt}", "gen recall", "retain full", "relearn", "flipped/changed", "CAD",
-            "unlearn s", "peak MiB"]
+            "CAD nf4", "unlearn s", "peak MiB"]
     before = accuracy_cells(reports[0].before)
-    rows = [["before", *before[:2], "", *before[2:], "", "", "", "", ""]]
+    rows = [["before", *before[:2], "", *before[2:], "", "", "", "", "", ""]]
     for r in reports:
         perm, cells = r.permanence[fmt], accuracy_cells(r.after)
         rows.append([r.method, *cells[:2], num(r.ptq_gap[fmt], "+.2f"), *cells[2:], relearned(r),
-                     f"{perm['flipped']}/{perm['changed']}", num(r.cad, ".3f"), num(r.timing_s["unlearn"], ".0f"),
+                     f"{perm['flipped']}/{perm['changed']}", num(r.cad, ".3f"), num(r.cad_nf4, ".3f"),
+                     num(r.timing_s["unlearn"], ".0f"),
                      num(r.peak_rss_mb_unlearn, ".0f")])
     widths = [max(len(str(row[i])) for row in [cols] + rows) for i in range(len(cols))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [cols] + rows)
@@ -191,7 +193,7 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     from .pipeline import MansuConfig, unlearn
     from .models import save_model
     from .probes import relearn_attack
-    from .quant import check, parse_formats
+    from .quant import check, parse_formats, quantized_copy
 
     start = time.perf_counter()
     formats = [f.name for f in parse_formats(formats)]
@@ -220,6 +222,9 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     # CAD needs the forget circuit of the original model; baselines have none, so it is attributed here
     # for them (outside the timed procedure) with MANSU's default circuit settings.
     cad_result = cad(model, tokenizer, result.circuit or circuit, forget, retain)
+    # ... and on the deployed NF4 model: an edit that quantization rounds away leaves that model's circuit as
+    # it was, whatever the full-precision CAD says.
+    cad_nf4 = cad(quantized_copy(model, "nf4"), tokenizer, result.circuit or circuit, forget, retain).value
     if save is not None:
         save_model(model, tokenizer, save)
     nf4 = certificate["nf4"]
@@ -229,7 +234,7 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
         ptq_gap={f: after[f]["forget_acc"] - after["full"]["forget_acc"] for f in formats},
         permanence={f: certificate[f].summary() | {"ratio_quantiles": certificate[f].ratio_quantiles}
                     for f in formats},
-        cad=cad_result.value, cad_verdict=cad_result.verdict,
+        cad=cad_result.value, cad_verdict=cad_result.verdict, cad_nf4=cad_nf4,
         timing_s={"unlearn": unlearn_s, **{f"unlearn.{k}": v for k, v in result.timing_s.items()},
                   "total": time.perf_counter() - start},
         peak_rss_mb=peak_rss_mb(), peak_rss_mb_unlearn=peak_unlearn,

@@ -110,9 +110,14 @@ def codes_at_scale(fmt: Format, blocks: Tensor, absmax: Tensor, tail: bool = Fal
     return _bins(blocks, absmax, tail, fmt.midpoints(blocks.device))
 
 
+def block_scales(fmt: Format, enc: Encoded) -> Tensor:
+    """The per-block multipliers decoding uses: the scales, double-quantized where the format is (over the
+    whole tensor's scales: re-encoding a part of it would change their mean and groups of 256)."""
+    return _double_quant(enc.scale) if fmt.double_quant else enc.scale
+
+
 def _decode_4bit(fmt: Format, enc: Encoded) -> Tensor:
-    scale = _double_quant(enc.scale) if fmt.double_quant else enc.scale
-    return fmt.levels_tensor(enc.codes.device)[enc.codes] * scale[:, None]
+    return fmt.levels_tensor(enc.codes.device)[enc.codes] * block_scales(fmt, enc)[:, None]
 
 
 def _double_quant(absmax: Tensor) -> Tensor:

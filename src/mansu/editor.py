@@ -1,0 +1,302 @@
+"""MANSU's edit loop: rounds of floored, projected, Fisher-priced moves inside the forget circuit.
+
+Each round:
+1. gradients of the forget objective and of the retain NLL, separately, on the circuit's weights only;
+2. every unmoved circuit weight's candidate move: to the neighbouring quantization level in the direction
+   of the projected forget descent (so it crosses a bin by construction);
+3. score = (forget benefit - retain_weight * retain harm) / (Fisher cost + smoothing): first-order forget
+   benefit, minus first-order retain *harm* (a move that would also lower the retain NLL earns nothing for it:
+   retain gains are never bought), per unit of the second-order retain cost; the best are taken;
+4. a retain guard: if the round raised the retain NLL (full precision or quantized) past `retain_guard`
+   over the original, it is undone, its weights are frozen, and later rounds take half as many moves;
+5. the forget set is scored in full precision and on the quantized twin; both forgotten: done.
+Memory follows the circuit: per circuit tensor every vector is flat over its mask's entries, in mask order
+(as the Fisher keeps them), on the parameter's device.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Item, encode_items
+from .evaluate import answer_logprob
+from .fisher import BoundConfig, Fisher, bound_update, masked_grad_hooks
+from .floor import floor_update
+from .methods import check_finite, forget_loss, retain_loss
+from .probes import knowledge
+from .projection import Projector
+from .quant import (Certificate, bin_geometry, block_scales, check, codes_at_scale, encode, get_format, quantized_copy,
+                    quantized_layout, to_blocks)
+
+Mask = dict[str, torch.Tensor]
+Flat = dict[str, torch.Tensor]
+
+
+class Editor:
+    """The edit's state: the circuit (which may grow), each weight's original value and floored targets, the
+    Fisher and projector, and the quantized twin of the model, kept in step with every move."""
+
+    def __init__(self, model: torch.nn.Module, mask: Mask, layout: dict[str, bool], fisher: Fisher,
+                 projector: Projector | None, config: Any):
+        self.model, self.config = model, config
+        self.params = dict(model.named_parameters())
+        self.layout = layout  # every quantized weight -> stored transposed (Conv1D); the circuit may grow into any
+        self.fmt = get_format(config.format)
+        self.mask: Mask = {}
+        self.original: Flat = {}
+        self.moved: Flat = {}  # moved once, or frozen by the guard: never a candidate again
+        self.up: Flat = {}
+        self.down: Flat = {}
+        self.scales: Flat = {}  # per circuit tensor, each block's decoding scale (the twin's, fixed)
+        self.extend(mask, fisher, projector)
+        self.spent = 0.0  # Fisher cost of the edits kept so far
+        self.edits_per_round = config.edits_per_round
+        # The deployed model, kept in step with the edit: only the blocks an edit touches are re-quantized.
+        self.quantized = quantized_copy(model, config.format)
+        self.quantized_params = dict(self.quantized.named_parameters())
+
+    # ------------------------------------------------------------------ the circuit's state
+
+    def extend(self, mask: Mask, fisher: Fisher, projector: Projector | None) -> None:
+        """Take `mask` (a superset of the current one) as the circuit, carrying over what moved; the Fisher
+        and projector must cover it."""
+        for name, m in mask.items():
+            old = self.mask.get(name)
+            w = self.params[name].detach()
+            if old is None:
+                original, moved = w[m].clone(), torch.zeros(int(m.sum()), dtype=torch.bool, device=w.device)
+            else:
+                original = w.clone()
+                original[old] = self.original[name]
+                original, moved = original[m], self.dense(name, self.moved[name])[m]
+            self.mask[name], self.original[name], self.moved[name] = m, original, moved
+            if name not in self.scales:  # the twin's block scales, from the original weights
+                self.scales[name] = block_scales(self.fmt, encode(quantized_layout(w, self.layout[name]), self.fmt))
+            # No block's absmax ever moves, so where an unmoved weight lands on a move up or down is fixed:
+            # computed once, in the parameter's dtype. A move writes that value itself (w + delta rounds in bf16).
+            self.up[name], self.down[name] = self.target(name, +1), self.target(name, -1)
+        self.fisher, self.projector = fisher, projector
+
+    def target(self, name: str, sign: int) -> torch.Tensor:
+        """Where every masked weight of `name` goes on a move up (+1) or down (-1): the neighbouring level
+        (floored), or without the floor (an ablation) half way to the bin's edge, never crossing it; its own
+        value where it cannot move (a block's absmax, the outermost level)."""
+        w, m, t = self.params[name].detach(), self.mask[name], self.layout[name]
+        wq = quantized_layout(w, t)
+        if self.config.floor:
+            nudged = torch.where(quantized_layout(m, t), torch.nextafter(wq, torch.full_like(wq, sign * math.inf)), wq)
+            moved = floor_update(wq, nudged, self.fmt, mode=self.config.floor_mode)
+        else:  # as the floor does, a block's absmax never moves: its scale, and so every other code, stays
+            geometry = bin_geometry(wq, self.fmt)
+            blocks = to_blocks(wq, self.fmt)[0].abs()
+            peak = (blocks == blocks.amax(1, keepdim=True)).reshape(-1)[: wq.numel()].reshape(wq.shape)
+            half = wq.float() + sign * 0.5 * (geometry.up if sign > 0 else geometry.down)
+            moved = torch.where(peak, wq, half.to(w.dtype))
+        return quantized_layout(moved, t)[m]
+
+    def dense(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """A flat vector over `name`'s mask as a full-shape tensor (zero elsewhere)."""
+        out = torch.zeros(self.mask[name].shape, dtype=flat.dtype, device=flat.device)
+        out[self.mask[name]] = flat
+        return out
+
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def edited_count(self) -> int:
+        return sum(int((self.params[n].detach()[m] != self.original[n]).sum()) for n, m in self.mask.items())
+
+    def circuit_params(self) -> int:
+        return sum(int(m.sum()) for m in self.mask.values())
+
+    # ------------------------------------------------------------------ one round
+
+    def gradients(self, forget_batch, retain_batch, ref: torch.Tensor | None, step: int
+                  ) -> tuple[Flat, Flat, Flat, dict[str, float]]:
+        """Flat forget and retain gradients of the circuit's weights (two backward passes: the two must not
+        mix), the projected forget descent direction, and the two losses."""
+        forget_grads, retain_grads, directions = {}, {}, {}
+
+        def take_forget(name: str, grad: torch.Tensor) -> None:
+            m = self.mask[name]
+            step_dir = -grad.float() * m  # fp32: neither the projection nor the scores round to bf16
+            if self.projector is not None:
+                step_dir = self.projector.apply({name: step_dir})[name]
+            forget_grads[name], directions[name] = grad[m].float(), step_dir[m]
+
+        def take_retain(name: str, grad: torch.Tensor) -> None:
+            retain_grads[name] = grad[self.mask[name]].float()
+
+        cfg = self.config
+        losses = {"forget_loss": self._backward(lambda: forget_loss(self.model, forget_batch, cfg.objective, ref,
+                                                                    cfg.npo_beta), take_forget, step),
+                  "retain_nll": self._backward(lambda: retain_loss(self.model, retain_batch), take_retain, step)}
+        return forget_grads, retain_grads, directions, losses
+
+    def _backward(self, loss_fn: Callable[[], torch.Tensor], take: Callable[[str, torch.Tensor], None],
+                  step: int) -> float:
+        """Backward of `loss_fn()` with only the circuit's weights taking gradients, each handed to `take`."""
+        flags = {n: p.requires_grad for n, p in self.params.items()}
+        try:
+            for n, p in self.params.items():
+                p.requires_grad_(n in self.mask)  # backward skips the weight gradients of everything else
+            with masked_grad_hooks({n: self.params[n] for n in self.mask}, take):
+                loss = loss_fn()
+                check_finite(loss, step)
+                loss.backward()
+        finally:
+            for n, p in self.params.items():
+                p.requires_grad_(flags[n])
+        return loss.item()
+
+    @torch.no_grad()
+    def propose(self, forget_grads: Flat, retain_grads: Flat, directions: Flat) -> Flat:
+        """Flat fp32 moves of the best-scoring candidates (see the module docstring), within the Fisher budget."""
+        cfg, names = self.config, list(self.mask)
+        deltas = {n: self.candidates(n, directions[n]) for n in names}
+        here = deltas[names[0]].device  # the ranking is global: every candidate's score meets on one device
+        benefit = torch.cat([-(forget_grads[n] * deltas[n]).to(here) for n in names])
+        harm = torch.cat([(retain_grads[n] * deltas[n]).clamp(min=0).to(here) for n in names])
+        net = benefit - cfg.retain_weight * harm
+        useful = net > 0
+        if not useful.any():
+            return {}
+        if cfg.fisher_cost:
+            cost = torch.cat([self.fisher.entry_cost(n, deltas[n]).to(here) for n in names])
+            net = net / (cost + cfg.cost_smoothing * cost[useful].median() + 1e-30)
+        score = torch.where(useful, net, torch.zeros_like(net))
+        keep = torch.zeros_like(useful)
+        keep[score.topk(min(self.edits_per_round, int(useful.sum()))).indices] = True
+        kept = keep.split([len(deltas[n]) for n in names])
+        moves = {n: deltas[n] * k.to(deltas[n].device) for n, k in zip(names, kept)}
+        if cfg.fisher_budget is not None:
+            remaining = cfg.fisher_budget - self.spent
+            if remaining <= 0:
+                return {}
+            full = {n: self.dense(n, d) for n, d in moves.items() if d.any()}
+            bounded = bound_update(self.fisher, full, BoundConfig(remaining, "prune")).update
+            moves = {n: d[self.mask[n]] for n, d in bounded.items()}
+        return {n: d for n, d in moves.items() if d.any()}
+
+    def candidates(self, name: str, direction: torch.Tensor) -> torch.Tensor:
+        """Each masked weight's move (fp32) to its target in `direction`; 0 if moved already or no direction."""
+        target = torch.where(direction > 0, self.up[name], self.down[name])
+        movable = (direction != 0) & ~self.moved[name]
+        return (target.float() - self.original[name].float()) * movable
+
+    @torch.no_grad()
+    def apply(self, moves: Flat) -> None:
+        """Set each moved weight to its target, exactly, in the model and in its quantized twin."""
+        for n, delta in moves.items():
+            self.spent += float(self.fisher.entry_cost(n, delta).sum())
+            chosen = delta != 0
+            target = torch.where(delta > 0, self.up[n], self.down[n])
+            self._write(n, torch.where(chosen, target, self.params[n].detach()[self.mask[n]]), chosen)
+            self.moved[n] |= chosen
+
+    @torch.no_grad()
+    def undo(self, moves: Flat) -> None:
+        """Put the weights `moves` moved back; they stay marked as moved, so they are never tried again."""
+        for n, delta in moves.items():
+            self.spent -= float(self.fisher.entry_cost(n, delta).sum())
+            chosen = delta != 0
+            self._write(n, torch.where(chosen, self.original[n], self.params[n].detach()[self.mask[n]]), chosen)
+        self.edits_per_round = max(1, self.edits_per_round // 2)
+
+    def _write(self, name: str, values: torch.Tensor, chosen: torch.Tensor) -> None:
+        self.params[name].detach()[self.mask[name]] = values
+        self.requantize(name, self.dense(name, chosen))
+
+    def requantize(self, name: str, moved: torch.Tensor) -> None:
+        """Re-encode the twin's blocks of `name` that `moved` touches. No block's absmax ever moves, so each
+        block keeps the scale it had (double-quantized over the whole tensor, where the format is)."""
+        p, twin, t = self.params[name].detach(), quantized_layout(self.quantized_params[name].data, self.layout[name]), \
+            self.layout[name]
+        blocks, tail = to_blocks(quantized_layout(p, t), self.fmt)
+        rows = to_blocks(quantized_layout(moved, t), self.fmt, None)[0].any(1).nonzero()[:, 0]
+        b = blocks[rows]
+        tail = tail and len(rows) > 0 and int(rows[-1]) == len(blocks) - 1  # the padded tail block stays last
+        codes = codes_at_scale(self.fmt, b, b.abs().amax(1), tail)
+        values = self.fmt.levels_tensor(b.device)[codes] * self.scales[name][rows, None]
+        index = rows[:, None] * self.fmt.blocksize + torch.arange(self.fmt.blocksize, device=rows.device)
+        inside = index < twin.numel()  # not the tail's padding
+        flat = twin.reshape(-1)  # a view, except for a transposed (Conv1D) weight: then a copy, written back
+        flat[index[inside]] = values[inside].to(flat.dtype)
+        if flat.data_ptr() != twin.data_ptr():
+            twin.copy_(flat.view(twin.shape))
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
+            grow: Callable[["Editor"], bool] | None = None, on_round: Callable[[dict], None] | None = None
+            ) -> tuple[list[dict[str, Any]], bool, str]:
+        """Rounds until the forget set is forgotten in full precision and on the twin (the rounds, converged,
+        and why it stopped). On a stall, `grow(editor)` may extend the circuit; False when it cannot."""
+        cfg = self.config
+        rng = random.Random(cfg.seed)
+        forget_batch = encode_items(tokenizer, forget)
+        guard_items = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
+        guard_batch = encode_items(tokenizer, guard_items)
+        with torch.no_grad():
+            ref = answer_logprob(self.model, forget_batch) if cfg.objective == "npo" else None
+            guard_ref = self.retain_nll(guard_batch)
+        rounds: list[dict[str, Any]] = []
+        best, since_best = math.inf, 0
+        bar = tqdm(range(1, cfg.max_rounds + 1), desc="mansu", leave=False, disable=not cfg.progress)
+        for step in bar:
+            tick = time.perf_counter()
+            retain_batch = encode_items(tokenizer, rng.sample(list(retain), min(cfg.retain_sample, len(retain))))
+            forget_grads, retain_grads, directions, losses = self.gradients(forget_batch, retain_batch, ref, step)
+            moves = self.propose(forget_grads, retain_grads, directions)
+            record: dict[str, Any] = {"round": step, **losses, "circuit_params": self.circuit_params(),
+                                      "moves": sum(int((d != 0).sum()) for d in moves.values())}
+            if moves:
+                self.apply(moves)
+                with torch.no_grad():
+                    harm = [after - before for after, before in zip(self.retain_nll(guard_batch), guard_ref)]
+                record |= {"retain_nll_increase_full": harm[0], f"retain_nll_increase_{cfg.format}": harm[1]}
+                if cfg.retain_guard is not None and max(harm) > cfg.retain_guard:
+                    self.undo(moves)
+                    record["undone"] = True
+            full, quant = knowledge(self.model, tokenizer, forget), knowledge(self.quantized, tokenizer, forget)
+            record |= {"seconds": time.perf_counter() - tick,  # the round alone (a growth comes after it)
+                       "edited": self.edited_count(), "fisher_cost": self.spent, "forget_acc_full": full.score,
+                       f"forget_acc_{cfg.format}": quant.score, "forget_true_prob_full": full.belief,
+                       f"forget_true_prob_{cfg.format}": quant.belief}
+            rounds.append(record)
+            bar.set_postfix(full=full.score, quant=quant.score, edited=record["edited"])
+            if on_round is not None:
+                on_round(record)
+            if full.score <= cfg.target_forget_acc and quant.score <= cfg.target_forget_acc:
+                return rounds, True, "converged"
+            # Progress is the forgetting still to do: the mean belief in the answers, full and quantized.
+            belief = (full.belief + quant.belief) / 2
+            if belief < best * (1 - cfg.min_progress):
+                best, since_best = belief, 0
+            else:
+                since_best += 1
+            if not moves or since_best >= cfg.patience:
+                if grow is None or not grow(self):
+                    return rounds, False, "no useful move left" if not moves else "stalled"
+                best, since_best = math.inf, 0
+                record["grown_to"] = self.circuit_params()
+        return rounds, False, "max_rounds"
+
+    def retain_nll(self, batch) -> tuple[float, float]:
+        """Mean answer NLL of `batch` in full precision and on the twin (the guard's two readings)."""
+        return tuple(-answer_logprob(m, batch).mean().item() for m in (self.model, self.quantized))
+
+    def certify(self) -> Certificate:
+        """Free the quantized twin (the rounds are over), then check the edit against the original weights."""
+        del self.quantized, self.quantized_params
+        before = {}
+        for n, m in self.mask.items():
+            before[n] = self.params[n].detach().clone()
+            before[n][m] = self.original[n]
+        edited = {n: self.params[n].detach() for n in self.mask}
+        return check(before, edited, self.config.format, {n: self.layout[n] for n in self.mask})

@@ -1,0 +1,127 @@
+"""The edit loop: how moves are scored, the retain guard, the quantized twin, growth and the ablation switches."""
+import copy
+
+import pytest
+import torch
+
+import mansu
+from mansu.data import Item, encode_items
+from mansu.editor import Editor
+from mansu.fisher import diagonal_fisher
+from mansu.quant import fake_quantize, quantized_layout, quantized_weights
+
+from conftest import make_tiny
+
+
+def random_editor(arch, tokenizer, capitals, dtype=torch.float32, **config):
+    """An editor over a random 30% of a tiny model's quantized weights, with its retain Fisher."""
+    model = make_tiny(arch, tokenizer).to(dtype)
+    layout = quantized_weights(model)
+    gen = torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    mask = {n: torch.rand(params[n].shape, generator=gen) < 0.3 for n in layout}
+    fisher = diagonal_fisher(model, tokenizer, capitals[10:20], mask, progress=False)
+    return Editor(model, mask, layout, fisher, None, mansu.MansuConfig(progress=False, **config))
+
+
+def test_moves_are_chosen_for_forgetting_and_retain_gains_are_never_bought(tokenizer, capitals):
+    editor = random_editor("llama", tokenizer, capitals, fisher_cost=False, edits_per_round=1)
+    name = next(iter(editor.mask))
+    up = torch.ones(int(editor.mask[name].sum()))
+    deltas = editor.candidates(name, up)
+    i, j, k = (deltas > 0).nonzero()[:3, 0].tolist()
+    forget = {n: torch.zeros_like(editor.original[n], dtype=torch.float32) for n in editor.mask}
+    retain = copy.deepcopy(forget)
+    # i: forget benefit 1; j: benefit 2 but retain harm 5; k: benefit 0.01 and a retain *gain* of 100
+    for entry, benefit, harm in ((i, 1.0, 0.0), (j, 2.0, 5.0), (k, 0.01, -100.0)):
+        forget[name][entry] = -benefit / deltas[entry]
+        retain[name][entry] = harm / deltas[entry]
+    directions = {n: -g for n, g in forget.items()}
+    (moves,) = editor.propose(forget, retain, directions).values()
+    assert moves.nonzero()[:, 0].tolist() == [i]  # the summed-loss ranking would take k (100.01) first
+    editor.edits_per_round = 3
+    (moves,) = editor.propose(forget, retain, directions).values()
+    assert moves.nonzero()[:, 0].tolist() == sorted([i, k])  # j's harm outweighs its benefit: never taken
+
+
+@pytest.mark.parametrize("arch,dtype,fmt", [("llama", torch.float32, "nf4-dq"), ("llama", torch.float32, "fp4"),
+                                            ("gpt2", torch.float32, "nf4-dq"), ("llama", torch.bfloat16, "nf4")])
+def test_the_quantized_twin_is_exactly_the_quantized_edited_model(tokenizer, capitals, fmt, arch, dtype):
+    """The twin re-encodes only touched blocks; it must equal quantizing the whole edited model (for -dq too,
+    whose second stage runs over all of a tensor's block scales)."""
+    editor = random_editor(arch, tokenizer, capitals, dtype=dtype, format=fmt, objective="ga")
+    forget_batch, retain_batch = encode_items(tokenizer, capitals[:4]), encode_items(tokenizer, capitals[10:14])
+    for step in (1, 2):
+        forget_grads, retain_grads, directions, _ = editor.gradients(forget_batch, retain_batch, None, step)
+        moves = editor.propose(forget_grads, retain_grads, directions)
+        assert moves
+        editor.apply(moves)
+    twin = dict(editor.quantized.named_parameters())
+    for name in editor.mask:
+        t = editor.layout[name]
+        expected = quantized_layout(fake_quantize(quantized_layout(editor.params[name].detach(), t), fmt), t)
+        assert torch.equal(twin[name], expected), name
+    assert editor.edited_count() > 0
+
+
+def test_the_retain_guard_undoes_a_harmful_round_and_halves_the_next(tokenizer, capitals):
+    model = make_tiny("llama", tokenizer)
+    original = copy.deepcopy(model.state_dict())
+    forget = capitals[:4]
+    retain = [Item(f"Say the word {it.answer} again:", it.answer) for it in forget]  # forgetting hurts these
+    config = mansu.MansuConfig(progress=False, objective="ga", retain_weight=0.0, retain_guard=1e-6, max_rounds=3,
+                               grow_mass=0.0, edits_per_round=400, target_forget_acc=0.0,
+                               circuit=mansu.CircuitConfig(top_k=4, mass=None, progress=False))
+    result = mansu.unlearn(model, tokenizer, forget, retain, config)
+    rounds = result.rounds
+    assert rounds[0].get("undone") and rounds[0]["edited"] == 0
+    for before, after in zip(rounds, rounds[1:]):  # each undone round halves the next one's moves
+        assert after["moves"] == (before["moves"] // 2 if before.get("undone") else before["moves"])
+    for r in rounds:
+        assert r.get("undone", False) == (max(r["retain_nll_increase_full"], r["retain_nll_increase_nf4"]) > 1e-6)
+    kept = sum(r["moves"] for r in rounds if not r.get("undone"))
+    assert result.edited == kept and result.certificate["nf4"].changed == kept
+    if not kept:
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
+
+
+def test_items_without_choices_are_forgotten_by_greedy_recall(tokenizer, capitals):
+    model = make_tiny("llama", tokenizer)
+    forget = [Item(it.prompt, it.answer) for it in capitals[:3]]  # no choices: the stop rule uses recall
+    config = mansu.MansuConfig(progress=False, max_rounds=2, edits_per_round=200,
+                               circuit=mansu.CircuitConfig(top_k=4, mass=None, progress=False))
+    result = mansu.unlearn(model, tokenizer, forget, capitals[10:16], config)
+    assert result.rounds and all(0 <= r["forget_acc_full"] <= 1 for r in result.rounds)
+    assert result.stop_reason in ("converged", "stalled", "no useful move left", "max_rounds")
+
+
+def test_a_stalled_circuit_grows_and_the_result_says_why_it_stopped(tokenizer, capitals):
+    model = make_tiny("llama", tokenizer)
+    config = mansu.MansuConfig(progress=False, max_rounds=6, patience=1, min_progress=0.99, edits_per_round=50,
+                               target_forget_acc=0.0, max_growths=2, retain_guard=None,
+                               circuit=mansu.CircuitConfig(mass=0.05, progress=False))
+    result = mansu.unlearn(model, tokenizer, capitals[:4], capitals[10:16], config)
+    grown = [r["grown_to"] for r in result.rounds if "grown_to" in r]
+    assert grown and grown == sorted(grown) and result.circuit_params == grown[-1]
+    assert result.circuit_params > result.circuit.n_params and len(grown) <= 2
+    assert not result.converged and result.stop_reason in ("stalled", "no useful move left", "max_rounds")
+    assert result.certificate.certified  # weights of the grown circuit flip their codes too
+    assert "stop_reason=" in repr(result)
+
+
+def test_without_the_floor_no_edit_crosses_a_bin(tokenizer, capitals):
+    model = make_tiny("llama", tokenizer)
+    config = mansu.MansuConfig(progress=False, floor=False, max_rounds=2, edits_per_round=300, grow_mass=0.0,
+                               retain_guard=None, circuit=mansu.CircuitConfig(top_k=4, mass=None, progress=False))
+    result = mansu.unlearn(model, tokenizer, capitals[:4], capitals[10:16], config)
+    nf4 = result.certificate["nf4"]
+    assert nf4.changed > 0 and nf4.flipped == 0 and nf4.collateral == 0  # what quantization then undoes
+
+
+def test_a_random_circuit_has_the_attributed_size(tokenizer, capitals):
+    model = make_tiny("llama", tokenizer)
+    attributed = mansu.attribute_circuit(model, tokenizer, capitals[:4], config=mansu.CircuitConfig(top_k=3, mass=None, progress=False))
+    randomized = mansu.attribute_circuit(model, tokenizer, capitals[:4],
+                                         config=mansu.CircuitConfig(top_k=3, mass=None, progress=False, random=True))
+    assert (randomized.heads, randomized.neurons) == (attributed.heads, attributed.neurons)
+    assert randomized.components != attributed.components
