@@ -15,6 +15,7 @@ from .floor import apply_floor_, floor_update
 from .methods import BaselineConfig
 from .models import EMBEDDED_MODEL, load_model, save_model
 from .pipeline import MansuConfig, UnlearnResult, unlearn
+from .probes import RelearnResult, generation_recall, relearn_attack
 from .projection import ProjectionConfig, Projector, null_space_projector
 from .quant import Certificate, bin_geometry, check, evaluate_formats, fake_quantize, quantized_copy
 
@@ -26,9 +27,10 @@ __all__ = [
     # configs
     "MansuConfig", "BaselineConfig", "CircuitConfig", "FisherConfig", "BoundConfig", "ProjectionConfig",
     # results
-    "UnlearnResult", "EvalResult", "Certificate", "Circuit", "CADResult", "Fisher", "Projector",
+    "UnlearnResult", "EvalResult", "Certificate", "Circuit", "CADResult", "Fisher", "Projector", "RelearnResult",
     # building blocks
     "Item", "load_items", "load_bundled", "bundled_sets", "split", "attribute", "diagonal_fisher",
     "bound_update", "null_space_projector", "floor_update", "apply_floor_", "bin_geometry", "fake_quantize",
-    "quantized_copy", "evaluate_formats", "EMBEDDED_MODEL", "MansuError", "files",
+    "quantized_copy", "evaluate_formats", "generation_recall", "relearn_attack", "EMBEDDED_MODEL", "MansuError",
+    "files",
 ]
