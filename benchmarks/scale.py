@@ -16,7 +16,6 @@ checked side by side: MANSU's peak <= 1.5x GradDiff's, and its time per round <=
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -168,7 +167,7 @@ def measure(size: str, args: argparse.Namespace) -> dict[str, Any]:
             if proc.returncode or not result.exists():
                 out.setdefault("errors", {})[stage] = proc.stderr[-2000:] or f"exit {proc.returncode}"
                 continue
-            out |= json.loads(result.read_text())
+            out |= mansu.files.read_json(result)
     if "errors" not in out:
         out |= targets(out)
     return out
@@ -235,7 +234,7 @@ def main() -> int:
         run_stage(args)
         return 0
     if args.show:
-        print(table(json.loads(Path(args.show).read_text())["results"]))
+        print(table(mansu.files.read_json(args.show)["results"]))
         return 0
     sizes = args.sizes.split(",")
     unknown = [s for s in sizes if s not in SIZES]

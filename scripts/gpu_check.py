@@ -18,7 +18,6 @@ targets are reported but not enforced (so few items measure nothing at scale). E
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -138,7 +137,8 @@ def part_unlearn(device: str, quick: bool) -> dict[str, Any]:
         model, tokenizer = mansu.load_model(dtype=torch.bfloat16, device=device)
         config = mansu.MansuConfig(progress=False)
     result = mansu.unlearn(model, tokenizer, forget, retain, config)
-    ours = accuracies(model, tokenizer, forget, retain, ["nf4"])  # full precision and mansu's own NF4 copy
+    sets = {"forget": forget, "retain": retain}
+    ours = accuracies(model, tokenizer, sets, ["nf4"], probes=False)  # full precision and mansu's own NF4 copy
     with tempfile.TemporaryDirectory() as tmp:
         mansu.save_model(model, tokenizer, tmp)
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -147,7 +147,7 @@ def part_unlearn(device: str, quick: bool) -> dict[str, Any]:
     for module in loaded.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False  # bitsandbytes' CPU bf16 speed path is not the format
-    theirs = accuracies(loaded, tokenizer, forget, retain, [])["full"]
+    theirs = accuracies(loaded, tokenizer, sets, [], probes=False)["full"]
     agree = all(ours["nf4"][k] == theirs[k] for k in ("forget_acc", "retain_acc"))
     prob_gap = max(abs(ours["nf4"][k] - theirs[k]) for k in ("forget_true_prob", "retain_true_prob"))
     certified = bool(result.certificate and result.certificate.certified)
@@ -165,7 +165,7 @@ def part_scale(device: str, quick: bool) -> dict[str, Any]:
             "--sizes", "1B,8B", "--dtype", "bfloat16"]
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--device", device,
                                "--out", str(out), *args], capture_output=True, text=True)
-        results = json.loads(out.read_text())["results"] if out.exists() else []
+        results = mansu.files.read_json(out)["results"] if out.exists() else []
     measured = proc.returncode == 0 and len(results) > 0 and all("errors" not in r for r in results)
     met = measured and all(r["memory_met"] and r["time_met"] for r in results)
     return {"ok": measured and (quick or met), "targets_met": met, "table": proc.stdout,
@@ -199,7 +199,7 @@ def run_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
             os.killpg(proc.pid, signal.SIGKILL)
             log, _ = proc.communicate()
         seconds = time.perf_counter() - tick
-        out = json.loads(result.read_text()) if result.exists() else {"ok": False, "log": log[-3000:]}
+        out = mansu.files.read_json(result) if result.exists() else {"ok": False, "log": log[-3000:]}
     if seconds > budget:
         out |= {"ok": False, "error": f"over its budget of {budget} s"}
     return {"seconds": round(seconds, 1), "budget_s": budget} | out

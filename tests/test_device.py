@@ -190,7 +190,7 @@ def test_embedded_model_in_bf16_unlearns_exactly(capitals):
     forget = [Item(it.prompt, it.answer, (it.answer, next(c for c in it.choices if c != it.answer))) for it in forget]
     circuit = mansu.CircuitConfig(mass=0.05, steps=1, retain_penalty=1.0, progress=False)
     config = mansu.MansuConfig(circuit=circuit, edits_per_round=5_000, max_rounds=1, retain_sample=6,
-                               attribution_retain=3, progress=False)
+                               attribution_retain=3, retain_guard=None, progress=False)  # exactness, not the guard
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = encode_items(tokenizer, forget)
     with torch.no_grad():

@@ -14,8 +14,11 @@ class Scripted(torch.nn.Module):
 
     def __init__(self, tokenizer, replies):
         super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.embed = torch.nn.Embedding(1, 1)  # where token ids go (mansu.models.input_device)
         self.tokenizer, self.replies, self.padding_seen = tokenizer, replies, []
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
 
     def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
         self.padding_seen.append(bool((attention_mask[:, 0] == 0).any()))  # left padding: zeros come first
