@@ -233,8 +233,7 @@ class Editor:
     # ------------------------------------------------------------------ the loop
 
     def run(self, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
-            grow: Callable[["Editor"], bool] | None = None, on_round: Callable[[dict], None] | None = None
-            ) -> tuple[list[dict[str, Any]], bool, str]:
+            grow: Callable[["Editor"], bool] | None = None) -> tuple[list[dict[str, Any]], bool, str]:
         """Rounds until the forget set is forgotten in full precision and on the twin (the rounds, converged,
         and why it stopped). On a stall, `grow(editor)` may extend the circuit; False when it cannot."""
         cfg = self.config
@@ -270,8 +269,6 @@ class Editor:
                        f"forget_true_prob_{cfg.format}": quant.belief}
             rounds.append(record)
             bar.set_postfix(full=full.score, quant=quant.score, edited=record["edited"])
-            if on_round is not None:
-                on_round(record)
             if full.score <= cfg.target_forget_acc and quant.score <= cfg.target_forget_acc:
                 return rounds, True, "converged"
             # Progress is the forgetting still to do: the mean belief in the answers, full and quantized.
