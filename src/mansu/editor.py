@@ -25,16 +25,15 @@ from tqdm.auto import tqdm
 
 from .data import Item, encode_items
 from .evaluate import answer_logprob
-from .fisher import BoundConfig, Fisher, bound_update, masked_grad_hooks
+from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
 from .floor import floor_update
 from .methods import check_finite, forget_loss, retain_loss
 from .probes import knowledge
 from .projection import Projector
-from .quant import (Certificate, bin_geometry, block_scales, check, codes_at_scale, encode, get_format, quantized_copy,
-                    quantized_layout, to_blocks)
+from .quant import (Certificate, bin_geometry, block_scales, check, codes_at_scale, encode, get_format, keeps_tail,
+                    quantized_copy, quantized_layout, to_blocks)
 
-Mask = dict[str, torch.Tensor]
-Flat = dict[str, torch.Tensor]
+Flat = dict[str, torch.Tensor]  # per circuit tensor, a vector over its mask's entries
 
 
 class Editor:
@@ -215,13 +214,12 @@ class Editor:
     def requantize(self, name: str, moved: torch.Tensor) -> None:
         """Re-encode the twin's blocks of `name` that `moved` touches. No block's absmax ever moves, so each
         block keeps the scale it had (double-quantized over the whole tensor, where the format is)."""
-        p, twin, t = self.params[name].detach(), quantized_layout(self.quantized_params[name].data, self.layout[name]), \
-            self.layout[name]
-        blocks, tail = to_blocks(quantized_layout(p, t), self.fmt)
+        t = self.layout[name]
+        twin = quantized_layout(self.quantized_params[name].data, t)
+        blocks, tail = to_blocks(quantized_layout(self.params[name].detach(), t), self.fmt)
         rows = to_blocks(quantized_layout(moved, t), self.fmt, None)[0].any(1).nonzero()[:, 0]
         b = blocks[rows]
-        tail = tail and len(rows) > 0 and int(rows[-1]) == len(blocks) - 1  # the padded tail block stays last
-        codes = codes_at_scale(self.fmt, b, b.abs().amax(1), tail)
+        codes = codes_at_scale(self.fmt, b, b.abs().amax(1), keeps_tail(rows, len(blocks), tail))
         values = self.fmt.levels_tensor(b.device)[codes] * self.scales[name][rows, None]
         index = rows[:, None] * self.fmt.blocksize + torch.arange(self.fmt.blocksize, device=rows.device)
         inside = index < twin.numel()  # not the tail's padding

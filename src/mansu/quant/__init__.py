@@ -10,7 +10,7 @@ weights are quantized, and reading models), `certificate` (`check`), `ptq` (quan
 """
 from .certificate import Certificate, FormatCheck, check
 from .formats import (FORMATS, FP4_CODE_TABLE, NF4_LEVELS, Encoded, Format, block_scales, codes_at_scale, decode,
-                      encode, fake_quantize, get_format, parse_formats, to_blocks)
+                      encode, fake_quantize, get_format, keeps_tail, parse_formats, to_blocks)
 from .geometry import BinGeometry, bin_geometry
 from .layout import quantized_layout, quantized_weights
 from .ptq import evaluate_formats, quantized_copy
@@ -18,7 +18,7 @@ from .ptq import evaluate_formats, quantized_copy
 __all__ = [
     # formats
     "FORMATS", "NF4_LEVELS", "FP4_CODE_TABLE", "Format", "Encoded", "get_format", "parse_formats", "to_blocks",
-    "encode", "decode", "fake_quantize", "codes_at_scale", "block_scales",
+    "encode", "decode", "fake_quantize", "codes_at_scale", "block_scales", "keeps_tail",
     # geometry and layout
     "BinGeometry", "bin_geometry", "quantized_weights", "quantized_layout",
     # the certificate and PTQ copies

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import MansuError
 from ..results import Result
-from .formats import Format, _absmax, _scaled, parse_formats, to_blocks
+from .formats import Format, _absmax, _scaled, keeps_tail, parse_formats, to_blocks
 from .geometry import _bounds
 from .layout import _state_and_layout, quantized_layout, quantized_weights
 
@@ -134,11 +134,6 @@ def _flip_counts(fmt: Format, b: Tensor, a: Tensor, tail: bool, fused: bool) -> 
     return _counts(b, a, eb.codes, ea.codes)
 
 
-def _keeps_tail(rows: Tensor, n: int, tail: bool) -> bool:
-    """Whether sorted block indices `rows` (of `n` blocks) keep the padded tail block, which stays last."""
-    return tail and len(rows) > 0 and int(rows[-1]) == n - 1
-
-
 def _touched_blocks(fmt: Format, before: Tensor, after: Tensor) -> Tensor:
     """Indices of the blocks in which an edit changed at least one weight: only they can change a code."""
     if before.shape != after.shape:
@@ -152,14 +147,14 @@ def _check_tensor(fmt: Format, before: Tensor, after: Tensor, touched: Tensor, f
     b, tail = to_blocks(before, fmt, None)
     a, _ = to_blocks(after, fmt, None)
     if len(touched) < len(b):  # select before converting: a sparse edit converts only its blocks
-        b, a, tail = b[touched], a[touched], _keeps_tail(touched, len(b), tail)
+        b, a, tail = b[touched], a[touched], keeps_tail(touched, len(b), tail)
     b, a = b.float(), a.float()
     changed, flipped, recoded = _flip_counts(fmt, b, a, tail, fused).tolist()
     # The ratio distribution is estimated on a random sample of touched blocks (all of them for small edits).
     rows = torch.randperm(len(b), generator=gen)[: 64 + len(b) // 128].sort().values
     picked = rows.to(b.device)  # drawn on the CPU, so that every device samples the same blocks
     bs, as_ = b[picked], a[picked]
-    lo, hi = _bounds(fmt, fmt.encode_blocks(bs, _keeps_tail(rows, len(b), tail)))
+    lo, hi = _bounds(fmt, fmt.encode_blocks(bs, keeps_tail(rows, len(b), tail)))
     moved = bs != as_
     ratio = (as_ - bs).abs()[moved] / (hi - lo)[moved]
     return changed, flipped, recoded - flipped, ratio

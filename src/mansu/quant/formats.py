@@ -244,6 +244,11 @@ def to_blocks(w: Tensor, fmt: Format, dtype: torch.dtype | None = torch.float32)
     return flat.view(-1, fmt.blocksize), bool(rem)
 
 
+def keeps_tail(rows: Tensor, n: int, tail: bool) -> bool:
+    """Whether sorted block indices `rows` (of `n` blocks) keep the padded tail block, which stays last."""
+    return tail and len(rows) > 0 and int(rows[-1]) == n - 1
+
+
 def encode(w: Tensor, fmt: str | Format = "nf4") -> Encoded:
     """Encode a weight given in the quantizer's layout ([out, in] for linear layers)."""
     fmt = get_format(fmt)
