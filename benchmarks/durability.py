@@ -13,6 +13,8 @@ writes one JSON file; a run whose file exists is skipped, so an interrupted suit
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import itertools
 import json
 import statistics
@@ -77,16 +79,17 @@ def suite(smoke: bool = False) -> list[Split]:
 
 
 def jobs(splits: list[Split], smoke: bool) -> list[dict[str, Any]]:
-    """Every (split, method, seed, ablation) run of the suite."""
-    out = []
-    for split in splits:
-        seeds = MANSU_SEEDS[:1] if smoke else MANSU_SEEDS
-        out += [{"split": split.name, "method": "mansu", "seed": s, "ablation": None} for s in seeds]
-        out += [{"split": split.name, "method": m, "seed": 0, "ablation": None}
-                for m in (("graddiff",) if smoke else BASELINES)]
-    if not smoke:
-        out += [{"split": s.name, "method": "mansu", "seed": 0, "ablation": a}
-                for s, a in itertools.product(splits[:ABLATION_SPLITS], ABLATIONS)]
+    """Every (split, method, seed, ablation) run of the suite, broadest evidence first: MANSU (seed 0) and
+    GradDiff on every split, then the other baselines, MANSU's other seeds, and the ablations last, so an
+    interrupted suite still covers every split."""
+    if smoke:
+        return [{"split": s.name, "method": m, "seed": 0, "ablation": None} for s in splits for m in ("mansu", "graddiff")]
+    waves = [[("mansu", 0, None), ("graddiff", 0, None)], [(m, 0, None) for m in BASELINES if m != "graddiff"],
+             [("mansu", seed, None) for seed in MANSU_SEEDS[1:]]]
+    out = [{"split": s.name, "method": m, "seed": seed, "ablation": a} for wave in waves for s in splits
+           for m, seed, a in wave]
+    out += [{"split": s.name, "method": "mansu", "seed": 0, "ablation": a}
+            for s, a in itertools.product(splits[:ABLATION_SPLITS], ABLATIONS)]
     return out
 
 
@@ -124,33 +127,61 @@ def bnb_load_accuracy(model, tokenizer, sets: dict[str, list]) -> dict[str, floa
 
 
 def run_job(job: dict[str, Any], out: Path, smoke: bool) -> None:
-    """One run in this process: the method's report (mansu.report.run) plus the real bitsandbytes load."""
+    """One run in this process: the method's report (mansu.report.run) plus the real bitsandbytes load. The
+    unedited model's scores are measured once per split and shared by its runs (out/before/)."""
     import mansu
-    from mansu.report import default_utility, run
+    from mansu.report import accuracies, default_utility, run
 
+    tick = time.perf_counter()
     split = {s.name: s for s in suite(smoke)}[job["split"]]
     forget, retain = split.items()
+    utility, _ = default_utility(forget, retain, per_set=5 if smoke else 20)
     model, tokenizer = mansu.load_model()
-    formats = ("nf4",) if smoke else FORMATS
-    report = run(model, tokenizer, forget, retain, config_for(job, smoke), "smollm2-135m", formats, relearn=True)
-    utility, _ = default_utility(forget, retain)
-    record = report.to_dict() | {"job": job, "bnb_nf4": bnb_load_accuracy(model, tokenizer,
-                                                                          {"forget": forget, "utility": utility})}
+    formats = ["nf4"] if smoke else list(FORMATS)
+    sets = {"forget": forget, "retain": retain, "utility": utility}
+    cached = out / "before" / f"{split.name}.json"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(cached.with_suffix(".lock"), "w") as lock:  # a parallel run of the same split waits, then reads
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cached.exists():
+            before = accuracies(model, tokenizer, sets, formats, forget_only=[f for f in formats if f != "nf4"])
+            before["bnb_nf4"] = bnb_load_accuracy(model, tokenizer, {"forget": forget, "utility": utility})
+            mansu.files.write_json(cached, before)
+    before = mansu.files.read_json(cached)
+    bnb_before = before.pop("bnb_nf4")
+    report = run(model, tokenizer, forget, retain, config_for(job, smoke), "smollm2-135m", formats,
+                 utility=utility, relearn=True, before=before)
+    record = report.to_dict() | {"job": job, "bnb_nf4_before": bnb_before,
+                                 "bnb_nf4": bnb_load_accuracy(model, tokenizer, {"forget": forget, "utility": utility})}
+    record["job_s"] = time.perf_counter() - tick
     mansu.files.write_json(out / "runs" / f"{job_key(job)}.json", record)
 
 
-def run_suite(out: Path, smoke: bool) -> None:
-    """Every job not yet done, each in its own process; then the report."""
+def run_suite(out: Path, smoke: bool, workers: int = 1) -> None:
+    """Every job not yet done, each in its own process (`workers` at a time, one thread each when more than
+    one, so every run sees the same share of the machine); then the report."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from tqdm.auto import tqdm
 
     todo = [j for j in jobs(suite(smoke), smoke) if not (out / "runs" / f"{job_key(j)}.json").exists()]
     print(f"{len(todo)} runs to do in {out}/runs", flush=True)
-    for job in tqdm(todo, desc="durability"):
+    env = os.environ | ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if workers > 1 else {})
+
+    def launch(job: dict[str, Any]) -> tuple[str, int, float]:
         tick = time.perf_counter()
         cmd = [sys.executable, __file__, "job", "--out", str(out), "--job", json.dumps(job)] + (["--smoke"] * smoke)
-        if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"run {job_key(job)} failed (its message is above); rerun to resume")
-        tqdm.write(f"{job_key(job)}: {time.perf_counter() - tick:.0f} s")
+        return job_key(job), subprocess.run(cmd, env=env).returncode, time.perf_counter() - tick
+
+    failed = []
+    with ThreadPoolExecutor(workers) as pool:
+        for done in tqdm(as_completed([pool.submit(launch, j) for j in todo]), total=len(todo), desc="durability"):
+            key, code, seconds = done.result()
+            tqdm.write(f"{key}: {'failed' if code else 'done'} in {seconds:.0f} s")
+            if code:
+                failed.append(key)
+    if failed:
+        raise SystemExit(f"runs failed (their messages are above): {', '.join(failed)}; rerun to resume")
     report(out, smoke, None if smoke else DOC)
 
 
@@ -166,6 +197,7 @@ def metrics(record: dict[str, Any]) -> dict[str, Any]:
         "ptq_gap_max": max(max(record["ptq_gap"].values()), record["bnb_nf4"]["forget_acc"] - after["full"]["forget_acc"]),
         "utility_drop_full": before["full"]["utility_acc"] - after["full"]["utility_acc"],
         "utility_drop_nf4": before["nf4"]["utility_acc"] - after["nf4"]["utility_acc"],
+        "utility_drop_bnb_nf4": record["bnb_nf4_before"]["utility_acc"] - record["bnb_nf4"]["utility_acc"],
         "paraphrase_full": after["full"].get("paraphrase_acc"),
         "paraphrase_nf4": after["nf4"].get("paraphrase_acc"),
         "generation_recall": after["full"]["generation_recall"],
@@ -187,8 +219,9 @@ def failures(m: dict[str, Any]) -> list[str]:
                    f"{m['forget_bnb_nf4']:.2f} bnb")
     if m["ptq_gap_max"] > TARGETS["ptq_gap"]:
         out.append(f"PTQ gap {m['ptq_gap_max']:+.2f}")
-    if max(m["utility_drop_full"], m["utility_drop_nf4"]) > TARGETS["utility_drop"]:
-        out.append(f"utility drop {m['utility_drop_full']:.3f} full / {m['utility_drop_nf4']:.3f} nf4")
+    if max(m["utility_drop_full"], m["utility_drop_nf4"], m["utility_drop_bnb_nf4"]) > TARGETS["utility_drop"]:
+        out.append(f"utility drop {m['utility_drop_full']:.3f} full / {m['utility_drop_nf4']:.3f} nf4 / "
+                   f"{m['utility_drop_bnb_nf4']:.3f} bnb")
     for key in ("paraphrase_full", "paraphrase_nf4"):
         if m[key] is not None and m[key] > TARGETS["paraphrase_acc"]:
             out.append(f"{key.replace('_', ' ')} {m[key]:.2f}")
@@ -231,26 +264,45 @@ def report(out: Path, smoke: bool, doc: Path | None = None) -> None:
             row["failures"].append(f"relearn recovery {row['relearn_recovery']:+.2f} >= a baseline's "
                                    f"{baseline_recovery[split]:+.2f}")
     mansu.files.write_json(out / "results.json", {"rows": rows})
-    text = markdown(by_method, mansu_rows, smoke, out)
+    planned = len(jobs(suite(smoke), smoke))
+    text = markdown(by_method, mansu_rows, smoke, out, planned, sum(r.get("job_s", 0.0) for r in records))
     plots(by_method, records, [out / "durability.png"] + ([doc.parent / "results.png"] if doc else []))
     if doc is not None:
         mansu.files.write_text(doc, text, replace=True)  # the doc is this script's own output
     print(text)
 
 
-def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], smoke: bool, out: Path) -> str:
+def cost_ratios(by_method: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Per split with both runs: MANSU's (seed 0) unlearning time and peak memory over GradDiff's."""
+    graddiff = {r["job"]["split"]: r for r in by_method.get("graddiff", [])}
+    pairs = [(r, graddiff[r["job"]["split"]]) for r in by_method.get("mansu", [])
+             if r["job"]["seed"] == 0 and r["job"]["split"] in graddiff]
+    return {"time": [m["unlearn_s"] / g["unlearn_s"] for m, g in pairs],
+            "memory": [m["peak_mb"] / g["peak_mb"] for m, g in pairs]}
+
+
+def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], smoke: bool, out: Path, planned: int,
+             seconds: float) -> str:
     """The tables of docs/results.md: per method mean ± spread; every MANSU failure listed."""
     cols = ["forget_full", "forget_worst_format", "forget_bnb_nf4", "ptq_gap_max", "utility_drop_full",
-            "utility_drop_nf4", "paraphrase_full", "paraphrase_nf4", "generation_recall", "relearn_recovery",
+            "utility_drop_nf4", "utility_drop_bnb_nf4", "paraphrase_full", "paraphrase_nf4", "generation_recall", "relearn_recovery",
             "cad", "cad_nf4", "unlearn_s", "peak_mb"]
     lines = ["# Durability benchmark results", "",
              f"Generated by `python benchmarks/durability.py run{' --smoke' if smoke else ''} --out {out}` "
              f"(`report` regenerates this file from the runs). Mean ± spread (population std) over runs.", "",
+             f"Runs done: {sum(len(g) for g in by_method.values())} of {planned} planned, "
+             f"{seconds / 3600:.1f} h of run time on this machine.", "",
              "| method | runs | converged | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
     for label, group in by_method.items():
         converged = sum(bool(r["converged"]) for r in group)
         lines.append(f"| {label} | {len(group)} | {converged} | "
                      + " | ".join(_mean_spread([r[c] for r in group]) for c in cols) + " |")
+    ratios = cost_ratios(by_method)
+    if ratios["time"]:
+        lines += ["", f"MANSU / GradDiff on the same split (median over {len(ratios['time'])} splits; target <= 1.5x): "
+                  f"unlearning time {statistics.median(ratios['time']):.2f}x "
+                  f"(range {min(ratios['time']):.2f}-{max(ratios['time']):.2f}), peak memory "
+                  f"{statistics.median(ratios['memory']):.2f}x (range {min(ratios['memory']):.2f}-{max(ratios['memory']):.2f})."]
     met = [r for r in mansu_rows if not r["failures"]]
     lines += ["", f"MANSU met every target on {len(met)} of {len(mansu_rows)} runs "
               f"({100 * len(met) / max(len(mansu_rows), 1):.0f}%; the target is 90%).", ""]
@@ -297,13 +349,14 @@ def main() -> None:
     parser.add_argument("command", choices=("run", "report", "job"))
     parser.add_argument("--out", default="durability", help="folder for the runs and results (resumable)")
     parser.add_argument("--smoke", action="store_true", help="one small split and two methods")
+    parser.add_argument("--workers", type=int, default=1, help="runs at a time (each one thread when > 1)")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one run, as JSON
     args = parser.parse_args()
     out = Path(args.out)
     if args.command == "job":
         run_job(json.loads(args.job), out, args.smoke)
     elif args.command == "run":
-        run_suite(out, args.smoke)
+        run_suite(out, args.smoke, args.workers)
     else:
         report(out, args.smoke, None if args.smoke else DOC)
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .data import Item
+from .errors import MansuError
 from . import __version__
 from .files import WRITTEN_BY, atomic_write, read_json
 from .results import Result
@@ -59,9 +60,11 @@ def default_utility(forget: Sequence[Item], retain: Sequence[Item], per_set: int
 
 
 def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Sequence[str],
-               probes: bool = True) -> dict[str, dict[str, float | None]]:
+               probes: bool = True, forget_only: Sequence[str] = ()) -> dict[str, dict[str, float | None]]:
     """{'full'|format: {<set>_acc, <set>_true_prob} for each named set (forget, retain, utility), and with
-    `probes` the forget set's paraphrase accuracy (None without paraphrases) and generation recall}."""
+    `probes` the forget set's paraphrase accuracy (None without paraphrases) and generation recall}. The
+    formats in `forget_only` score the forget set alone (forgetting must hold in each; utility is watched
+    where the targets are stated, full precision and the deployed format)."""
     from .evaluate import evaluate
     from .probes import generation_recall, paraphrase_items, variants
 
@@ -70,9 +73,11 @@ def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Se
     for fmt, scored in variants(model, formats):  # one quantized copy serves every set
         out[fmt] = {}
         for name, items in sets.items():
+            if fmt in forget_only and name != "forget":
+                continue
             result = evaluate(scored, tokenizer, items, progress=False)
             out[fmt] |= {f"{name}_acc": result.accuracy, f"{name}_true_prob": result.true_prob}
-        if probes:
+        if probes and fmt not in forget_only:
             out[fmt]["paraphrase_acc"] = (evaluate(scored, tokenizer, paraphrased, progress=False).accuracy
                                           if paraphrased else None)
             out[fmt]["generation_recall"] = generation_recall(scored, tokenizer, sets["forget"])
@@ -112,10 +117,10 @@ class RunReport(Result):
         return cls(**read_json(path))
 
     def summary(self) -> dict[str, Any]:
-        fmt = self.formats[0] if self.formats else None
+        fmt = "nf4"  # every run scores it (see `run`)
         out = {"method": self.method, "converged": self.converged, "forget_full": self.after["full"]["forget_acc"],
                "utility_full": self.after["full"].get("utility_acc"), "retain_full": self.after["full"]["retain_acc"]}
-        if fmt:
+        if fmt in self.after:
             out |= {f"forget_{fmt}": self.after[fmt]["forget_acc"], f"utility_{fmt}": self.after[fmt].get("utility_acc"),
                     f"ptq_gap_{fmt}": self.ptq_gap[fmt], "flip_fraction": self.permanence[fmt]["fraction"]}
         return out | {"cad": self.cad, "cad_nf4": self.cad_nf4, "unlearn_s": self.timing_s.get("unlearn")}
@@ -183,10 +188,13 @@ def plot_update_ratios(reports: Sequence[RunReport], path: str | os.PathLike) ->
 
 def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config, model_name: str = "",
         formats: Sequence[str] = ("nf4",), save: str | os.PathLike | None = None,
-        utility: Sequence[Item] | None = None, relearn: bool = False) -> RunReport:
+        utility: Sequence[Item] | None = None, relearn: bool = False,
+        before: dict[str, dict[str, float | None]] | None = None) -> RunReport:
     """Evaluate, unlearn (in place), evaluate again, check permanence and CAD: one method's report.
     `utility`: items the edit never sees (default: the bundled sets unrelated to forget and retain);
-    `relearn`: also run `mansu.probes.relearn_attack` on the edited model."""
+    `relearn`: also run `mansu.probes.relearn_attack` on the edited model; `before`: the unedited model's
+    scores (`before` of an earlier report on the same model, items and formats), not measured again.
+    Retain, utility and the probes are scored in full precision and NF4; the forget set in every format."""
     from .attribution import attribute_circuit
     from .cad import cad
     from .data import check_disjoint
@@ -204,7 +212,11 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
         utility, utility_sets = default_utility(forget, retain)
     check_disjoint(forget=forget, retain=retain, utility=utility)
     sets = {"forget": forget, "retain": retain} | ({"utility": utility} if utility else {})
-    before = accuracies(model, tokenizer, sets, formats)
+    forget_only = [f for f in formats if f != "nf4"]
+    if before is None:
+        before = accuracies(model, tokenizer, sets, formats, forget_only=forget_only)
+    elif set(before) != {"full", *formats}:
+        raise MansuError(f"`before` scores {sorted(before)}, but this run needs {sorted(['full', *formats])}")
     # CAD needs the original model's forget circuit. MANSU finds it as its first (timed) step; for the
     # baselines it is attributed here, before the edit and outside the timed procedure.
     circuit = None if isinstance(config, MansuConfig) else attribute_circuit(
@@ -215,7 +227,7 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     result = unlearn(model, tokenizer, forget, retain, config)
     unlearn_s = time.perf_counter() - tick
     peak_unlearn = peak_rss_mb()
-    after = accuracies(model, tokenizer, sets, formats)
+    after = accuracies(model, tokenizer, sets, formats, forget_only=forget_only)
     attack = relearn_attack(model, tokenizer, forget, formats) if relearn else None
     certificate = check(original, model, formats)
     del original

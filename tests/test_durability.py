@@ -1,0 +1,60 @@
+"""benchmarks/durability.py's --smoke mode runs end to end, resumes, and reports what the targets need."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import durability  # noqa: E402
+
+
+def test_the_full_suite_has_the_splits_seeds_and_ablations_the_issue_asks_for():
+    splits = durability.suite()
+    assert len(splits) >= 12 and {s.n for s in splits} == {5, 10, 20}
+    assert any(s.others for s in splits) and any(not s.others for s in splits)  # cross- and same-domain
+    planned = durability.jobs(splits, smoke=False)
+    assert len({durability.job_key(j) for j in planned}) == len(planned)  # no run twice
+    for split in splits:
+        mine = [j for j in planned if j["split"] == split.name and not j["ablation"]]
+        assert sorted(j["seed"] for j in mine if j["method"] == "mansu") == [0, 1, 2]
+        assert sorted(j["method"] for j in mine if j["method"] != "mansu") == sorted(durability.BASELINES)
+    # broadest evidence first: MANSU and GradDiff on every split before anything else
+    head = planned[: 2 * len(splits)]
+    assert {(j["split"], j["method"]) for j in head} == {(s.name, m) for s in splits for m in ("mansu", "graddiff")}
+    assert {j["ablation"] for j in planned} == {None, *durability.ABLATIONS}
+
+
+def test_failures_name_every_missed_target():
+    good = {"forget_full": 0.2, "forget_worst_format": 0.3, "forget_bnb_nf4": 0.3, "ptq_gap_max": 0.0,
+            "utility_drop_full": 0.01, "utility_drop_nf4": 0.0, "utility_drop_bnb_nf4": 0.02,
+            "paraphrase_full": 0.4, "paraphrase_nf4": None, "certified": True}
+    assert durability.failures(good) == []
+    bad = good | {"forget_bnb_nf4": 0.5, "ptq_gap_max": 0.1, "utility_drop_bnb_nf4": 0.06, "paraphrase_nf4": 0.5,
+                  "certified": False}
+    text = "; ".join(durability.failures(bad))
+    for part in ("forget", "PTQ gap +0.10", "utility drop", "paraphrase nf4 0.50", "not certified"):
+        assert part in text
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_runs_results_and_resumes(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "durability.py"), "run", "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert runs == ["smoke-capitals-5.graddiff.seed0.json", "smoke-capitals-5.mansu.seed0.json"]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    mansu_row = next(r for r in rows if r["job"]["method"] == "mansu")
+    assert mansu_row["certified"] and 0 <= mansu_row["forget_bnb_nf4"] <= 1
+    assert isinstance(mansu_row["failures"], list) and mansu_row["relearn_recovery"] is not None
+    assert (tmp_path / "durability.png").read_bytes()[:4] == b"\x89PNG"
+    # both runs shared one measurement of the unedited model
+    assert [p.name for p in (tmp_path / "before").glob("*.json")] == ["smoke-capitals-5.json"]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "0 runs to do" in again.stdout
