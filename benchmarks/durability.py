@@ -193,6 +193,7 @@ def metrics(record: dict[str, Any]) -> dict[str, Any]:
     return {
         "forget_full": after["full"]["forget_acc"],
         "forget_worst_format": max(after[f]["forget_acc"] for f in formats),
+        "forget_nf4": after["nf4"]["forget_acc"],
         "forget_bnb_nf4": record["bnb_nf4"]["forget_acc"],
         "ptq_gap_max": max(max(record["ptq_gap"].values()), record["bnb_nf4"]["forget_acc"] - after["full"]["forget_acc"]),
         "utility_drop_full": before["full"]["utility_acc"] - after["full"]["utility_acc"],
@@ -281,6 +282,37 @@ def cost_ratios(by_method: dict[str, list[dict]]) -> dict[str, list[float]]:
             "memory": [m["peak_mb"] / g["peak_mb"] for m, g in pairs]}
 
 
+def cad_separation(rows: list[dict]) -> dict[str, float]:
+    """How well CAD, and CAD on the NF4 copy, tell runs whose NF4 model forgot (forget accuracy <= the target)
+    from runs whose NF4 model remembers: the AUC (1.0: a threshold separates them, 0.5: chance), per measure."""
+    out = {}
+    for key in ("cad", "cad_nf4"):
+        scored = [(r[key], r["forget_nf4"] <= TARGETS["forget_acc"]) for r in rows if r.get(key) is not None]
+        held = [v for v, ok in scored if ok]
+        lost = [v for v, ok in scored if not ok]
+        if held and lost:  # P(a forgetting run's CAD > a remembering run's), ties counted half
+            pairs = [(h > x) + 0.5 * (h == x) for h in held for x in lost]
+            out[key] = sum(pairs) / len(pairs)
+    return out
+
+
+def split_table(rows: list[dict]) -> list[str]:
+    """Per split: MANSU (mean over its seeds) next to each baseline, on the numbers the targets are stated on."""
+    cols = [("forget_full", "forget full"), ("forget_nf4", "forget NF4"), ("forget_bnb_nf4", "forget bnb NF4"),
+            ("forget_worst_format", "forget worst fmt"), ("utility_drop_nf4", "utility drop NF4"),
+            ("paraphrase_full", "paraphrase"), ("relearn_recovery", "relearn")]
+    lines = ["| split | method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    splits = dict.fromkeys(r["job"]["split"] for r in rows)
+    for split in splits:
+        for method in ("mansu", *BASELINES):
+            group = [r for r in rows if r["job"]["split"] == split and r["job"]["method"] == method
+                     and not r["job"]["ablation"]]
+            if group:
+                cells = [_mean_spread([r[c] for r in group]) for c, _ in cols]
+                lines.append(f"| {split} | {method} ({len(group)}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], smoke: bool, out: Path, planned: int,
              seconds: float) -> str:
     """The tables of docs/results.md: per method mean ± spread; every MANSU failure listed."""
@@ -305,7 +337,14 @@ def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], smoke: bo
                   f"{statistics.median(ratios['memory']):.2f}x (range {min(ratios['memory']):.2f}-{max(ratios['memory']):.2f})."]
     met = [r for r in mansu_rows if not r["failures"]]
     lines += ["", f"MANSU met every target on {len(met)} of {len(mansu_rows)} runs "
-              f"({100 * len(met) / max(len(mansu_rows), 1):.0f}%; the target is 90%).", ""]
+              f"({100 * len(met) / max(len(mansu_rows), 1):.0f}%; the target is 90%)."]
+    separation = cad_separation([r for group in by_method.values() for r in group])
+    if separation:
+        lines += ["", "CAD as a test of whether the NF4 model forgot (AUC over every run, 1.0 = a threshold separates "
+                  "forgetting from remembering runs, 0.5 = chance): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in separation.items()) + "."]
+    lines += ["", "## Per split", "", *split_table([r for group in by_method.values() for r in group]),
+              "", "## Every MANSU run that missed a target", ""]
     for row in mansu_rows:
         if row["failures"]:
             lines.append(f"- {row['job']['split']} seed {row['job']['seed']}: " + "; ".join(row["failures"]))

@@ -58,3 +58,12 @@ def test_smoke_run_writes_runs_results_and_resumes(tmp_path):
     assert [p.name for p in (tmp_path / "before").glob("*.json")] == ["smoke-capitals-5.json"]
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "0 runs to do" in again.stdout
+
+
+def test_cad_separation_is_the_auc_of_cad_for_runs_whose_nf4_model_forgot():
+    rows = [{"cad": c, "cad_nf4": n, "forget_nf4": f} for c, n, f in
+            [(0.3, 0.2, 0.1), (0.2, 0.25, 0.2), (0.25, 0.01, 0.8), (0.1, 0.0, 0.9)]]
+    auc = durability.cad_separation(rows)
+    assert auc["cad_nf4"] == 1.0  # both forgetting runs above both remembering ones
+    assert auc["cad"] == 0.75  # 0.2 < 0.25: one of the four pairs in the wrong order
+    assert durability.cad_separation(rows[:2]) == {}  # nothing to separate
