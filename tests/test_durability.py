@@ -30,14 +30,14 @@ def test_the_full_suite_has_the_splits_seeds_and_ablations_the_issue_asks_for():
 
 
 def test_failures_name_every_missed_target():
-    good = {"forget_full": 0.2, "forget_worst_format": 0.3, "forget_bnb_nf4": 0.3, "ptq_gap_max": 0.0,
+    good = {"forget_full": 0.2, "forget_worst_format": 0.3, "worst_format": "q4_0", "forget_bnb_nf4": 0.3, "ptq_gap_max": 0.0,
             "utility_drop_full": 0.01, "utility_drop_nf4": 0.0, "utility_drop_bnb_nf4": 0.02,
             "paraphrase_full": 0.4, "paraphrase_nf4": None, "certified": True}
     assert durability.failures(good) == []
     bad = good | {"forget_bnb_nf4": 0.5, "ptq_gap_max": 0.1, "utility_drop_bnb_nf4": 0.06, "paraphrase_nf4": 0.5,
                   "certified": False}
     text = "; ".join(durability.failures(bad))
-    for part in ("forget", "PTQ gap +0.10", "utility drop", "paraphrase nf4 0.50", "not certified"):
+    for part in ("forget 0.20 full / 0.30 q4_0 / 0.50 bnb", "PTQ gap +0.10", "utility drop", "paraphrase nf4 0.50", "not certified"):
         assert part in text
 
 
