@@ -109,6 +109,18 @@ def test_a_stalled_circuit_grows_and_the_result_says_why_it_stopped(tokenizer, c
     assert "stop_reason=" in repr(result)
 
 
+def test_a_grown_circuit_keeps_every_tensor_it_had():
+    """A wider attribution may drop a component the narrower one selected; the grown circuit keeps it, so the
+    projector and Fisher (computed on the grown mask) cover every weight the edit may already have moved."""
+    from mansu.pipeline import union_masks
+
+    kept = {"a": torch.tensor([True, False]), "b": torch.tensor([False, True])}
+    added = {"a": torch.tensor([False, True]), "c": torch.tensor([False, False])}
+    grown = union_masks(kept, added)
+    assert set(grown) == {"a", "b"}  # b kept although the wider attribution dropped it; c selects nothing
+    assert grown["a"].tolist() == [True, True] and grown["b"].tolist() == [False, True]
+
+
 def test_without_the_floor_no_edit_crosses_a_bin(tokenizer, capitals):
     model = make_tiny("llama", tokenizer)
     config = mansu.MansuConfig(progress=False, floor=False, max_rounds=2, edits_per_round=300, grow_mass=0.0,

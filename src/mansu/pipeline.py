@@ -23,7 +23,7 @@ from .data import Item, check_disjoint
 from .config import check_types, from_dict
 from .editor import Editor
 from .errors import MansuError
-from .fisher import BoundConfig, Fisher, diagonal_fisher
+from .fisher import BoundConfig, Fisher, Mask, diagonal_fisher
 from .methods import BaselineConfig, run_baseline_
 from .models import require_loaded
 from .projection import ProjectionConfig, Projector, null_space_projector
@@ -153,8 +153,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
             return False
         growths += 1
         found = attribute_circuit(model, tokenizer, forget, sample, wider).mask(model)
-        grown = {n: editor.mask.get(n, torch.zeros_like(m)) | m for n, m in found.items() if n in layout}
-        grown = {n: m for n, m in grown.items() if m.any()}
+        grown = union_masks(editor.mask, {n: m for n, m in found.items() if n in layout})
         if sum(int(m.sum()) for m in grown.values()) == editor.circuit_params():
             return False
         editor.extend(grown, *_retain_statistics(model, tokenizer, retain, grown, config))
@@ -176,6 +175,15 @@ def _retain_statistics(model, tokenizer, retain: Sequence[Item], mask, config: M
     projector = (null_space_projector(model, tokenizer, retain, mask, ProjectionConfig(config.energy),
                                       progress=config.progress) if config.energy is not None else None)
     return fisher, projector
+
+
+def union_masks(kept: Mask, added: Mask) -> Mask:
+    """Every entry either mask selects, per tensor; a tensor only `kept` names stays (a wider attribution may
+    drop a component the narrower one had, but the edit keeps every weight it may already have moved)."""
+    out = dict(kept)
+    for name, m in added.items():
+        out[name] = out[name] | m if name in out else m
+    return {n: m for n, m in out.items() if m.any()}
 
 
 def _wider(circuit: CircuitConfig, growth: int, step: float) -> CircuitConfig | None:
