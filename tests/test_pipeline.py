@@ -55,7 +55,7 @@ def test_unlearn_is_deterministic_under_a_seed(tokenizer):
 def test_unlearn_lowers_the_forget_likelihood(tokenizer):
     from conftest import make_tiny
     from mansu.data import encode
-    from mansu.evaluate import answer_logprob
+    from mansu.evaluation import answer_logprob
 
     model = make_tiny("llama", tokenizer)
     batch = encode(tokenizer, [i.prompt for i in FORGET], [i.answer for i in FORGET])

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Item, encode_items
-from .evaluate import answer_logprob
+from .evaluation import answer_logprob
 from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
 from .floor import floor_update
 from .methods import check_finite, forget_loss, retain_loss

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .data import Batch, Item, batches, encode_items
 from .config import check_types
 from .errors import MansuError
-from .evaluate import answer_logprob, evaluate
+from .evaluation import answer_logprob, evaluate
 
 BASELINES = ("ga", "graddiff", "npo")
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .data import Item, encode_items
 from .errors import MansuError
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .models import input_device
 from .methods import check_finite, retain_loss
 from .results import Result

@@ -62,7 +62,7 @@ def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Se
                probes: bool = True) -> dict[str, dict[str, float | None]]:
     """{'full'|format: {<set>_acc, <set>_true_prob} for each named set (forget, retain, utility), and with
     `probes` the forget set's paraphrase accuracy (None without paraphrases) and generation recall}."""
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .probes import generation_recall, paraphrase_items, variants
 
     paraphrased = paraphrase_items(sets["forget"])
@@ -188,7 +188,7 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     `utility`: items the edit never sees (default: the bundled sets unrelated to forget and retain);
     `relearn`: also run `mansu.probes.relearn_attack` on the edited model."""
     from .attribution import attribute_circuit
-    from .cad import cad
+    from .circuit_divergence import cad
     from .data import check_disjoint
     from .pipeline import MansuConfig, unlearn
     from .models import save_model
