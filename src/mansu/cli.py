@@ -38,7 +38,7 @@ def _check(args: argparse.Namespace) -> None:
 
     if args.json:
         claim(args.json)
-    certificate = check(resolve_model_path(args.before), resolve_model_path(args.after), args.format.split(","))
+    certificate = check(resolve_model_path(args.before), resolve_model_path(args.after), args.formats.split(","))
     print(certificate.table())
     if args.json:
         certificate.save_json(args.json)
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("check", help="permanence certificate: which changed weights flip their quantized code")
     ch.add_argument("--before", required=True, help="the original model directory (or 'smollm2-135m')")
     ch.add_argument("--after", required=True, help="the edited model directory")
-    ch.add_argument("--format", default="nf4", help="comma-separated formats, e.g. nf4,fp4")
+    ch.add_argument("--formats", default="nf4", help="comma-separated formats, e.g. nf4,fp4")
     ch.add_argument("--json", help="write the certificate as JSON here (atomically)")
     ch.set_defaults(func=_check)
     return parser
