@@ -115,7 +115,7 @@ def attribute(
     steps: int = 5,
     baseline: Baseline | None = None,
     batch_size: int = 16,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Scores:
     """EAP-IG score of every head and neuron for the answer log-likelihood of `items` (mean per item).
 
