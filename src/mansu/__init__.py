@@ -19,6 +19,7 @@ from .probes import RelearnResult, generation_recall, relearn_attack
 from .projection import ProjectionConfig, Projector, null_space_projector
 from .quant import (BinGeometry, Certificate, FormatCheck, bin_geometry, check, evaluate_formats, fake_quantize,
                     quantized_copy)
+from .tracking import log_rounds
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,5 @@ __all__ = [
     "Item", "load_items", "load_bundled", "bundled_sets", "split", "answer_logprob", "attribute", "diagonal_fisher",
     "bound_update", "null_space_projector", "floor_update", "apply_floor_", "bin_geometry", "fake_quantize",
     "quantized_copy", "evaluate_formats", "generation_recall", "relearn_attack", "EMBEDDED_MODEL", "MansuError",
-    "files",
+    "log_rounds", "files",
 ]
