@@ -20,3 +20,18 @@ def test_no_exported_function_shadows_a_submodule():
     assert importlib.util.find_spec("mansu.evaluation") is not None
     assert mansu.evaluation.answer_logprob is mansu.answer_logprob
     assert mansu.circuit_divergence.cad is mansu.cad
+
+
+def test_docs_api_md_is_current():
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        import api_doc
+    finally:
+        sys.path.pop(0)
+    assert (root / "docs" / "api.md").read_text(encoding="utf-8") == api_doc.render(), \
+        "docs/api.md is stale: run python tools/api_doc.py"
+    assert [n for _, names in api_doc.groups() for n in names] == mansu.__all__
