@@ -21,7 +21,7 @@ import torch
 
 import mansu
 from mansu.data import batches
-from mansu.evaluate import answer_logprob
+from mansu.evaluation import answer_logprob
 from mansu.fisher import FisherConfig, diagonal_fisher, full_mask
 from mansu.projection import ProjectionConfig, null_space_projector
 

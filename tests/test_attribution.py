@@ -11,7 +11,7 @@ from mansu.attribution import (Circuit, CircuitConfig, ablated, attribute, attri
                                scores_of, select)
 from mansu.components import Component, find_components
 from mansu.data import encode, split
-from mansu.evaluate import answer_logprob
+from mansu.evaluation import answer_logprob
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:

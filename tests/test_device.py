@@ -14,7 +14,7 @@ from conftest import DEVICES, make_tiny
 from mansu.attribution import ablated, interpolated, mean_activations
 from mansu.components import Component, find_components
 from mansu.data import Item, encode_items
-from mansu.evaluate import answer_logprob
+from mansu.evaluation import answer_logprob
 from mansu.floor import floor_update
 from mansu.quant import check, quantized_layout, quantized_weights
 from test_pipeline import FORGET, RETAIN, small_config

@@ -3,7 +3,7 @@ import torch
 
 from mansu.data import encode
 from mansu.errors import MansuError
-from mansu.evaluate import answer_logprob
+from mansu.evaluation import answer_logprob
 from mansu.fisher import BoundConfig, FisherConfig, bound_update, diagonal_fisher
 from mansu.hooks import capture_inputs
 

@@ -115,3 +115,24 @@ def test_apply_floor_certifies_a_model_edit(tiny_model):
     assert cert.certified and cert.flipped == stats.kept and stats.kept > 0.9 * stats.changed
     untouched = set(original) - set(quant.quantized_weights(model))
     assert any(not torch.equal(original[k], model.state_dict()[k]) for k in untouched)  # not the floor's business
+
+
+def test_apply_floor_with_a_partial_original_floors_only_the_weights_given(tokenizer):
+    from conftest import make_tiny
+
+    model = make_tiny("llama", tokenizer)
+    original = copy.deepcopy(model.state_dict())
+    layout = quant.quantized_weights(model)
+    given, other = sorted(layout)[:2]
+    with torch.no_grad():
+        for name in (given, other):  # the same tiny edit on both
+            model.get_parameter(name)[0, :8] += 1e-5
+    edited_other = model.get_parameter(other).detach().clone()
+    stats = apply_floor_(model, {given: original[given]})
+    assert set(stats.per_tensor) == {given} and stats.kept == 8
+    assert torch.equal(model.get_parameter(other), edited_other)  # not given: left as it was
+    cert = quant.check({given: original[given]}, {given: model.get_parameter(given).detach()}, ("nf4",),
+                       layout={given: layout[given]})["nf4"]
+    assert cert.certified and cert.flipped == 8
+    with pytest.raises(MansuError, match="not in the model"):
+        apply_floor_(model, {"model.layers.0.mlp.up_proj.wieght": original[given]})

@@ -1,4 +1,5 @@
 import copy
+import random
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ RETAIN = [Item(f"The capital of {c} is", a, (a, "Paris", "Tokyo", "Cairo"))
 
 def small_config(**kw):
     circuit = mansu.CircuitConfig(top_k=4, mass=None, steps=2, retain_penalty=1.0, progress=False)
-    return mansu.MansuConfig(circuit=circuit, edits_per_round=200, max_rounds=2, target_forget_acc=0.0,
-                             progress=False, **kw)
+    return mansu.MansuConfig(**{"circuit": circuit, "edits_per_round": 200, "max_rounds": 2,
+                                "target_forget_acc": 0.0, "progress": False, **kw})
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -41,21 +42,10 @@ def test_unlearn_edits_only_the_circuit_and_every_edit_flips(arch, tokenizer):
     assert result.rounds[-1]["forget_true_prob_nf4"] == pytest.approx(deployed.true_prob, abs=1e-6)
 
 
-def test_unlearn_is_deterministic_under_a_seed(tokenizer):
-    from conftest import make_tiny
-
-    runs = []
-    for _ in range(2):
-        model = make_tiny("qwen2", tokenizer)
-        mansu.unlearn(model, tokenizer, FORGET, RETAIN, small_config(seed=3))
-        runs.append(model.state_dict())
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-
-
 def test_unlearn_lowers_the_forget_likelihood(tokenizer):
     from conftest import make_tiny
     from mansu.data import encode
-    from mansu.evaluate import answer_logprob
+    from mansu.evaluation import answer_logprob
 
     model = make_tiny("llama", tokenizer)
     batch = encode(tokenizer, [i.prompt for i in FORGET], [i.answer for i in FORGET])
@@ -105,3 +95,46 @@ def test_fisher_budget_caps_the_retain_cost_of_the_edit(tokenizer):
     bounded = mansu.unlearn(model, tokenizer, FORGET, RETAIN, small_config(fisher_budget=budget))
     assert 0 < bounded.rounds[-1]["fisher_cost"] <= budget * (1 + 1e-6)
     assert bounded.edited < unbounded.edited and bounded.certificate.certified
+
+
+def test_unlearn_leaves_the_global_rng_alone_and_repeats_under_a_seed(tokenizer):
+    from conftest import make_tiny
+
+    def run(config):
+        model = make_tiny("gpt2", tokenizer)  # GPT-2 has dropout: the baselines train through it
+        state, py_state = torch.get_rng_state(), random.getstate()
+        mansu.unlearn(model, tokenizer, FORGET, RETAIN, config)
+        assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py_state
+        return model.state_dict()
+
+    for config in (small_config(seed=3, max_rounds=1), mansu.BaselineConfig(lr=1e-3, max_steps=2, progress=False, seed=3)):
+        first, second = run(config), run(config)
+        assert all(torch.equal(first[k], second[k]) for k in first)
+    other = run(mansu.BaselineConfig(lr=1e-3, max_steps=2, progress=False, seed=4))
+    assert any(not torch.equal(first[k], other[k]) for k in first)  # the seed drives the dropout masks
+
+
+def test_callback_sees_every_round_and_can_stop_the_run(tokenizer):
+    from conftest import make_tiny
+
+    seen = []
+    result = mansu.unlearn(make_tiny("llama", tokenizer), tokenizer, FORGET, RETAIN, small_config(),
+                           callback=seen.append)  # returns None: never stops
+    assert seen == result.rounds and len(seen) == 2 and result.stop_reason == "max_rounds"
+    seen.clear()
+    result = mansu.unlearn(make_tiny("llama", tokenizer), tokenizer, FORGET, RETAIN, small_config(),
+                           callback=lambda record: seen.append(record) or True)
+    assert seen == result.rounds and len(seen) == 1 and result.stop_reason == "callback"
+    assert not result.converged and result.certificate.certified
+
+    seen, model = [], make_tiny("llama", tokenizer)
+    # Each item re-answered with the choice the random model prefers: it knows all of them, so the
+    # forget-accuracy stop (at 0.0) does not end the run before the callback does.
+    known = [next(Item(it.prompt, c, it.choices) for c in it.choices
+                  if mansu.evaluate(model, tokenizer, [Item(it.prompt, c, it.choices)], progress=False).correct[0])
+             for it in FORGET]
+    config = mansu.BaselineConfig(lr=1e-7, max_steps=9, eval_every=2, stop_forget_acc=0.0, progress=False)
+    result = mansu.unlearn(model, tokenizer, known, RETAIN, config,
+                           callback=lambda record: seen.append(record) or record["round"] >= 4)
+    assert [r["round"] for r in seen] == [2, 4] and len(result.rounds) == 4 and result.stop_reason == "callback"
+    assert seen == [result.rounds[1], result.rounds[3]]  # the checkpoints' records, as the result keeps them

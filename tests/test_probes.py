@@ -57,3 +57,12 @@ def test_relearn_attack_trains_a_copy_and_scores_the_other_half(tokenizer, capit
     assert "full_after" in repr(result) and result.to_dict()["train_nll"] == list(result.train_nll)
     with pytest.raises(mansu.MansuError, match="at least 2"):
         relearn_attack(model, tokenizer, capitals[:1])
+
+
+def test_relearn_attack_seeds_its_dropout_and_leaves_the_global_rng_alone(tokenizer, capitals):
+    model = make_tiny("gpt2", tokenizer)  # dropout 0.1: the attack trains through it
+    state = torch.get_rng_state()
+    runs = [relearn_attack(model, tokenizer, capitals[:4], formats=(), steps=2, lr=1e-3, seed=1).train_nll
+            for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert runs[0] == runs[1]  # unseeded dropout would train the two copies differently

@@ -133,12 +133,31 @@ def test_bad_inputs_raise(tokenizer, capitals):
     scattered = {"model.layers.0.self_attn.q_proj.weight": torch.eye(64, dtype=torch.bool)}
     with pytest.raises(MansuError, match="rows x columns"):
         null_space_projector(model, tokenizer, capitals[:2], scattered, progress=False)
-    projector = null_space_projector(model, tokenizer, capitals[:2], mask, progress=False)
-    outside = {n: torch.ones_like(m, dtype=torch.float32) for n, m in mask.items()}
-    with pytest.raises(MansuError, match="outside"):
-        projector.apply(outside)
-    with pytest.raises(MansuError, match="does not select"):
-        projector.apply({"model.norm.weight": torch.ones(64)})
     for bad in (dict(energy=0.0), dict(energy=1.5), dict(batch_size=0)):
         with pytest.raises(MansuError):
             ProjectionConfig(**bad)
+
+
+def test_a_whole_model_update_passes_through_outside_the_circuit(tiny_model, capitals):
+    model, tok = tiny_model
+    mask = circuit_mask(model)
+    projector = null_space_projector(model, tok, capitals[:4], mask, progress=False)
+    g = torch.Generator().manual_seed(1)
+    update = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}  # e.g. a full gradient
+    projected = projector.apply(update)
+    assert projected.keys() == update.keys()
+    for name, delta in update.items():
+        layer = projector.layers.get(name)
+        if layer is None:  # no projector for this parameter: untouched
+            assert torch.equal(projected[name], delta), name
+            continue
+        d, out = (delta.T, projected[name].T) if layer.conv1d else (delta, projected[name])
+        outside = torch.ones(d.shape[1], dtype=torch.bool)
+        outside[layer.columns] = False
+        assert torch.equal(out[:, outside], d[:, outside]), name  # columns it knows nothing of: as given
+        inside = torch.zeros_like(d)
+        inside[:, layer.columns] = d[:, layer.columns]
+        expected = layer.apply(inside.T if layer.conv1d else inside)
+        expected = expected.T if layer.conv1d else expected
+        assert torch.allclose(out[:, layer.columns], expected[:, layer.columns]), name
+        assert not torch.allclose(out[:, layer.columns], d[:, layer.columns]), name  # and it was projected

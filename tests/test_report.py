@@ -50,9 +50,11 @@ def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tin
     assert 0 <= report["cad"] <= 1 and report["timing_s"]["unlearn"] <= report["timing_s"]["total"]
     assert report["peak_rss_mb"] > 0
     # the saved model is a normal HF directory, and `mansu check` on it reproduces the report's counts
-    assert main(["check", "--before", tiny_dir, "--after", str(saved), "--format", "nf4", "--json",
+    assert main(["check", "--before", tiny_dir, "--after", str(saved), "--formats", "nf4,fp4", "--json",
                  str(tmp_path / "c.json")]) == 0
-    certificate = json.loads((tmp_path / "c.json").read_text())["formats"]["nf4"]
+    formats = json.loads((tmp_path / "c.json").read_text())["formats"]
+    assert set(formats) == {"nf4", "fp4"}  # --formats, spelt as for run and eval
+    certificate = formats["nf4"]
     for key in ("changed", "flipped", "collateral"):
         assert certificate[key] == report["permanence"]["nf4"][key]
 

@@ -6,31 +6,35 @@
 """
 from . import files
 from .attribution import Circuit, CircuitConfig, attribute, attribute_circuit
-from .cad import CADResult, cad
+from .circuit_divergence import CADResult, cad
 from .data import Item, bundled_sets, load_bundled, load_items, split
 from .errors import MansuError
-from .evaluate import EvalResult, evaluate
-from .fisher import BoundConfig, Fisher, FisherConfig, bound_update, diagonal_fisher
-from .floor import apply_floor_, floor_update
+from .evaluation import EvalResult, answer_logprob, evaluate
+from .fisher import BoundConfig, BoundedUpdate, Fisher, FisherConfig, bound_update, diagonal_fisher
+from .floor import FloorStats, apply_floor_, floor_update
+from .lmeval import export_lmeval
 from .methods import BaselineConfig
 from .models import EMBEDDED_MODEL, load_model, save_model
 from .pipeline import MansuConfig, UnlearnResult, unlearn
 from .probes import RelearnResult, generation_recall, relearn_attack
 from .projection import ProjectionConfig, Projector, null_space_projector
-from .quant import Certificate, bin_geometry, check, evaluate_formats, fake_quantize, quantized_copy
+from .quant import (BinGeometry, Certificate, FormatCheck, bin_geometry, check, evaluate_formats, fake_quantize,
+                    quantized_copy)
+from .tracking import log_rounds
 
 __version__ = "0.1.0"
 
 __all__ = [
     # verbs
-    "load_model", "save_model", "evaluate", "unlearn", "check", "cad", "attribute_circuit",
+    "load_model", "save_model", "evaluate", "unlearn", "check", "cad", "attribute_circuit", "export_lmeval",
     # configs
     "MansuConfig", "BaselineConfig", "CircuitConfig", "FisherConfig", "BoundConfig", "ProjectionConfig",
     # results
-    "UnlearnResult", "EvalResult", "Certificate", "Circuit", "CADResult", "Fisher", "Projector", "RelearnResult",
+    "UnlearnResult", "EvalResult", "Certificate", "FormatCheck", "Circuit", "CADResult", "Fisher", "Projector",
+    "RelearnResult", "FloorStats", "BoundedUpdate", "BinGeometry",
     # building blocks
-    "Item", "load_items", "load_bundled", "bundled_sets", "split", "attribute", "diagonal_fisher",
+    "Item", "load_items", "load_bundled", "bundled_sets", "split", "answer_logprob", "attribute", "diagonal_fisher",
     "bound_update", "null_space_projector", "floor_update", "apply_floor_", "bin_geometry", "fake_quantize",
     "quantized_copy", "evaluate_formats", "generation_recall", "relearn_attack", "EMBEDDED_MODEL", "MansuError",
-    "files",
+    "log_rounds", "files",
 ]

@@ -29,7 +29,7 @@ from .components import KINDS, Component, Components, Mask, find_components
 from .data import Item, batches
 from .config import check_types
 from .errors import MansuError
-from .evaluate import answer_logprob
+from .evaluation import answer_logprob
 from .hooks import forward_hooks
 from .models import input_device
 from .results import Result
@@ -115,7 +115,7 @@ def attribute(
     steps: int = 5,
     baseline: Baseline | None = None,
     batch_size: int = 16,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Scores:
     """EAP-IG score of every head and neuron for the answer log-likelihood of `items` (mean per item).
 

@@ -1,4 +1,4 @@
-"""The `mansu` command: a thin front end over the library (demo, run, eval, check)."""
+"""The `mansu` command: a thin front end over the library (demo, run, eval, check, export-lmeval)."""
 from __future__ import annotations
 
 import argparse
@@ -38,11 +38,19 @@ def _check(args: argparse.Namespace) -> None:
 
     if args.json:
         claim(args.json)
-    certificate = check(resolve_model_path(args.before), resolve_model_path(args.after), args.format.split(","))
+    certificate = check(resolve_model_path(args.before), resolve_model_path(args.after), args.formats.split(","))
     print(certificate.table())
     if args.json:
         certificate.save_json(args.json)
         print(f"wrote {args.json}")
+
+
+def _export_lmeval(args: argparse.Namespace) -> None:
+    from mansu.lmeval import export_lmeval
+
+    path = export_lmeval(args.items, args.out, args.name)
+    print(f"wrote {path} and {path.with_suffix('.jsonl')}; score a model with:\n  lm_eval --model hf --model_args "
+          f"pretrained=MODEL_DIR --include_path {path.parent} --tasks {args.name}")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -131,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("check", help="permanence certificate: which changed weights flip their quantized code")
     ch.add_argument("--before", required=True, help="the original model directory (or 'smollm2-135m')")
     ch.add_argument("--after", required=True, help="the edited model directory")
-    ch.add_argument("--format", default="nf4", help="comma-separated formats, e.g. nf4,fp4")
+    ch.add_argument("--formats", default="nf4", help="comma-separated formats, e.g. nf4,fp4")
     ch.add_argument("--json", help="write the certificate as JSON here (atomically)")
     ch.set_defaults(func=_check)
+
+    ex = sub.add_parser("export-lmeval", help="write an item set as an lm-evaluation-harness task (YAML + JSONL)")
+    ex.add_argument("--items", required=True, help="JSONL file of {prompt, answer, choices} or a bundled set name")
+    ex.add_argument("--out", required=True, help="the folder the task files go to (lm-eval's --include_path)")
+    ex.add_argument("--name", required=True, help="the task name (and the files' names)")
+    ex.set_defaults(func=_export_lmeval)
     return parser
 
 

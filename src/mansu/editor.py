@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Item, encode_items
-from .evaluate import answer_logprob
+from .evaluation import answer_logprob
 from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
 from .floor import floor_update
-from .methods import check_finite, forget_loss, retain_loss
+from .methods import RoundCallback, check_finite, forget_loss, retain_loss
 from .probes import knowledge
 from .projection import Projector
 from .quant import (Certificate, bin_geometry, block_scales, check, codes_at_scale, encode, get_format, keeps_tail,
@@ -231,9 +231,11 @@ class Editor:
     # ------------------------------------------------------------------ the loop
 
     def run(self, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
-            grow: Callable[["Editor"], bool] | None = None) -> tuple[list[dict[str, Any]], bool, str]:
+            grow: Callable[["Editor"], bool] | None = None, callback: RoundCallback | None = None
+            ) -> tuple[list[dict[str, Any]], bool, str]:
         """Rounds until the forget set is forgotten in full precision and on the twin (the rounds, converged,
-        and why it stopped). On a stall, `grow(editor)` may extend the circuit; False when it cannot."""
+        and why it stopped). On a stall, `grow(editor)` may extend the circuit; False when it cannot.
+        `callback(record)` sees each round; a true return stops the run."""
         cfg = self.config
         rng = random.Random(cfg.seed)
         forget_batch = encode_items(tokenizer, forget)
@@ -267,8 +269,11 @@ class Editor:
                        f"forget_true_prob_{cfg.format}": quant.belief}
             rounds.append(record)
             bar.set_postfix(full=full.score, quant=quant.score, edited=record["edited"])
+            stop = callback is not None and bool(callback(record))
             if full.score <= cfg.target_forget_acc and quant.score <= cfg.target_forget_acc:
                 return rounds, True, "converged"
+            if stop:
+                return rounds, False, "callback"
             # Progress is the forgetting still to do: the mean belief in the answers, full and quantized.
             belief = (full.belief + quant.belief) / 2
             if belief < best * (1 - cfg.min_progress):

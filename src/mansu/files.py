@@ -3,7 +3,8 @@
 Every file mansu writes goes through `atomic_write`: the content goes to a temporary file beside the target,
 which is then renamed over it, so a crash leaves the old file or the new one, never half of either. An
 existing file is only replaced when mansu wrote it (its JSON files carry `"written_by": "mansu ..."`, its PNG
-plots a `Software: mansu` text chunk) or the caller has claimed the folder it lies in (`replace=True`).
+plots a `Software: mansu` text chunk, its YAML files a first line `# written_by: mansu ...`) or the caller has
+claimed the folder it lies in (`replace=True`).
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from .errors import MansuError
 
 WRITTEN_BY = "mansu"  # the mark on mansu's JSON files and PNG plots
 _PNG_MARK = b"tEXtSoftware\x00" + WRITTEN_BY.encode()
+YAML_MARK = f"# written_by: {WRITTEN_BY}"  # the first line of mansu's YAML files
 
 
 def written_by_mansu(path: str | os.PathLike) -> bool:
-    """Whether the file at `path` carries mansu's mark (JSON reports and PNG plots do)."""
+    """Whether the file at `path` carries mansu's mark (JSON reports, PNG plots and YAML files do)."""
     path = Path(path)
     try:
         if path.suffix == ".json":
@@ -29,6 +31,9 @@ def written_by_mansu(path: str | os.PathLike) -> bool:
         if path.suffix == ".png":
             with path.open("rb") as f:
                 return _PNG_MARK in f.read(1 << 16)  # text chunks come before the image data
+        if path.suffix == ".yaml":
+            with path.open(encoding="utf-8") as f:
+                return f.readline().startswith(YAML_MARK)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return False

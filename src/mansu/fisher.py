@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .data import Batch, Item, encode
 from .config import check_types
 from .errors import MansuError
-from .evaluate import answer_logprob
+from .evaluation import answer_logprob
 from .models import input_device, require_loaded
 from .results import Result
 

@@ -116,11 +116,17 @@ def apply_floor_(
     margin: float = 0.1,
     mode: str = "snap",
 ) -> FloorStats:
-    """Floor, in place, every quantized weight of `model` that differs from `original` (a state dict)."""
+    """Floor, in place, every quantized weight of `model` that differs from its value in `original`: a state
+    dict, complete or partial (a weight it does not hold is left as it is, floored or not)."""
     fmt = get_format(fmt, blocksize)
+    unknown = sorted(set(original) - set(model.state_dict()))
+    if unknown:  # a misspelt name would otherwise silently leave its weight unfloored
+        raise MansuError(f"{len(unknown)} name(s) in `original` are not in the model, e.g. {unknown[0]!r}")
     params = dict(model.named_parameters())
     per_tensor, changed, kept = {}, 0, 0
     for name, transposed in quantized_weights(model).items():
+        if name not in original:
+            continue
         p, before = params[name], original[name].to(params[name].device, params[name].dtype)
         n_changed = int((p.data != before).sum())
         if not n_changed:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,10 @@ from tqdm.auto import tqdm
 from .data import Batch, Item, batches, encode_items
 from .config import check_types
 from .errors import MansuError
-from .evaluate import answer_logprob, evaluate
+from .evaluation import answer_logprob, evaluate
 
 BASELINES = ("ga", "graddiff", "npo")
+RoundCallback = Callable[[dict[str, Any]], Any]  # called with each round's record; a true return stops the run
 
 
 def forget_loss(model: torch.nn.Module, batch: Batch, objective: str, ref_logprob: torch.Tensor | None = None,
@@ -39,6 +41,16 @@ def forget_loss(model: torch.nn.Module, batch: Batch, objective: str, ref_logpro
 def retain_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean answer NLL on retain items: descending it keeps what must be kept."""
     return -answer_logprob(model, batch).mean()
+
+
+@contextmanager
+def seeded(seed: int, model: torch.nn.Module) -> Iterator[None]:
+    """Torch's global RNG seeded with `seed` inside, and the caller's state restored after: dropout (a model in
+    train mode) draws from the global generator and takes no generator of its own."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:
@@ -59,7 +71,8 @@ class BaselineConfig:
     retain_weight: float = 1.0  # weight of the retain NLL (graddiff, npo)
     retain_batch_size: int = 10
     npo_beta: float = 0.1
-    seed: int = 0
+    seed: int = 0  # seeds dropout (the model trains in train mode); the caller's global RNG is left as it was
+    progress: bool = True
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -83,12 +96,13 @@ class TrainLog:
     losses: list[float] = field(default_factory=list)
     forget_acc: list[tuple[int, float]] = field(default_factory=list)
     steps: int = 0
+    stopped: bool = False  # by the callback
 
 
 def run_baseline_(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
-                  config: BaselineConfig, progress: bool = True) -> TrainLog:
-    """Train `model` in place with a gradient baseline; stops early once forget accuracy is low."""
-    torch.manual_seed(config.seed)
+                  config: BaselineConfig, callback: RoundCallback | None = None) -> TrainLog:
+    """Train `model` in place with a gradient baseline; stops early once forget accuracy is low, or when
+    `callback`, called at each forget-accuracy check with {round, loss, forget_acc_full}, returns true."""
     forget_batch = encode_items(tokenizer, forget)
     retain_batches = itertools.cycle(list(batches(tokenizer, retain, config.retain_batch_size)))
     objective = "npo" if config.method == "npo" else "ga"
@@ -100,21 +114,25 @@ def run_baseline_(model: torch.nn.Module, tokenizer, forget: Sequence[Item], ret
     log = TrainLog()
     model.train()
     try:
-        for step in tqdm(range(1, config.max_steps + 1), desc=config.method, leave=False, disable=not progress):
-            loss = forget_loss(model, forget_batch, objective, ref, config.npo_beta)
-            if config.method != "ga":
-                loss = loss + config.retain_weight * retain_loss(model, next(retain_batches))
-            check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            log.losses.append(loss.item())
-            log.steps = step
-            if step % config.eval_every == 0:
-                acc = evaluate(model, tokenizer, forget, progress=False).accuracy
-                log.forget_acc.append((step, acc))
-                if acc is not None and acc <= config.stop_forget_acc:
-                    break
+        with seeded(config.seed, model):
+            for step in tqdm(range(1, config.max_steps + 1), desc=config.method, leave=False,
+                             disable=not config.progress):
+                loss = forget_loss(model, forget_batch, objective, ref, config.npo_beta)
+                if config.method != "ga":
+                    loss = loss + config.retain_weight * retain_loss(model, next(retain_batches))
+                check_finite(loss, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                log.losses.append(loss.item())
+                log.steps = step
+                if step % config.eval_every == 0:
+                    acc = evaluate(model, tokenizer, forget, progress=False).accuracy
+                    log.forget_acc.append((step, acc))
+                    log.stopped = callback is not None and bool(
+                        callback({"round": step, "loss": log.losses[-1], "forget_acc_full": acc}))
+                    if log.stopped or (acc is not None and acc <= config.stop_forget_acc):
+                        break
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.eval()

@@ -24,7 +24,7 @@ from .config import check_types, from_dict
 from .editor import Editor
 from .errors import MansuError
 from .fisher import BoundConfig, Fisher, Mask, diagonal_fisher
-from .methods import BaselineConfig, run_baseline_
+from .methods import BaselineConfig, RoundCallback, run_baseline_
 from .models import require_loaded
 from .projection import ProjectionConfig, Projector, null_space_projector
 from .quant import Certificate, get_format, quantized_weights
@@ -56,7 +56,7 @@ class MansuConfig:
     retain_sample: int = 64  # retain items in each round's gradient
     attribution_retain: int = 16  # retain items whose attribution penalises circuit components
     npo_beta: float = 1.0  # NPO inverse temperature: larger stops pushing forgotten items sooner
-    seed: int = 0
+    seed: int = 0  # the retain samples' draws (a local generator: the caller's global RNG is left as it was)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -99,7 +99,8 @@ class UnlearnResult(Result):
     circuit: Circuit | None
     timing_s: dict[str, float]
     config: dict[str, Any]
-    stop_reason: str = ""  # converged; or why not: stalled, no useful move left, max_rounds (baselines: steps)
+    stop_reason: str = ""  # converged; or why not: stalled, no useful move left, max_rounds, callback (baselines:
+    # max_steps)
     circuit_params: int | None = None  # parameters the edit could move, after any growth
 
     def summary(self) -> dict[str, Any]:
@@ -113,17 +114,18 @@ class UnlearnResult(Result):
 
 
 def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
-            config: MansuConfig | BaselineConfig | None = None) -> UnlearnResult:
-    """Make `model` (edited in place) forget `forget` while keeping `retain`; MANSU by default."""
+            config: MansuConfig | BaselineConfig | None = None, callback: RoundCallback | None = None
+            ) -> UnlearnResult:
+    """Make `model` (edited in place) forget `forget` while keeping `retain`; MANSU by default. `callback` is
+    called with each round's record (a baseline's: each forget-accuracy check); a true return stops the run."""
     config = config or MansuConfig()
     if not forget or not retain:
         raise MansuError("unlearning needs a non-empty forget set and a non-empty retain set")
     check_disjoint(forget=forget, retain=retain)
     if isinstance(config, BaselineConfig):
-        return _baseline(model, tokenizer, forget, retain, config)
+        return _baseline(model, tokenizer, forget, retain, config, callback)
     if not isinstance(config, MansuConfig):
         raise MansuError(f"config must be a MansuConfig or BaselineConfig, got {type(config).__name__}")
-    torch.manual_seed(config.seed)
     timing: dict[str, float] = {}
     tick = time.perf_counter()
 
@@ -159,7 +161,8 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
         editor.extend(grown, *_retain_statistics(model, tokenizer, retain, grown, config))
         return True
 
-    rounds, converged, reason = editor.run(tokenizer, forget, retain, grow if config.grow_mass > 0 else None)
+    rounds, converged, reason = editor.run(tokenizer, forget, retain, grow if config.grow_mass > 0 else None,
+                                           callback)
     timing["edit"], tick = time.perf_counter() - tick, time.perf_counter()
 
     certificate = editor.certify()
@@ -194,10 +197,11 @@ def _wider(circuit: CircuitConfig, growth: int, step: float) -> CircuitConfig | 
     return replace(circuit, mass=mass) if mass > circuit.mass + (growth - 1) * step else None
 
 
-def _baseline(model, tokenizer, forget, retain, config: BaselineConfig) -> UnlearnResult:
+def _baseline(model, tokenizer, forget, retain, config: BaselineConfig, callback: RoundCallback | None
+              ) -> UnlearnResult:
     """A gradient baseline through the same entry point and result type (no circuit, no certificate)."""
     tick = time.perf_counter()
-    log = run_baseline_(model, tokenizer, forget, retain, config, progress=True)
+    log = run_baseline_(model, tokenizer, forget, retain, config, callback)
     seconds = time.perf_counter() - tick
     checks = dict(log.forget_acc)
     rounds = [{"round": s, "loss": loss} | ({"forget_acc_full": checks[s]} if s in checks else {})
@@ -205,7 +209,7 @@ def _baseline(model, tokenizer, forget, retain, config: BaselineConfig) -> Unlea
     converged = bool(log.forget_acc) and log.forget_acc[-1][1] <= config.stop_forget_acc
     return UnlearnResult(config.method, converged, rounds, None, sum(p.numel() for p in model.parameters()),
                          None, None, {"edit": seconds}, _config_dict(config),
-                         "converged" if converged else "max_steps")
+                         "converged" if converged else "callback" if log.stopped else "max_steps")
 
 
 def _config_dict(config: MansuConfig | BaselineConfig) -> dict[str, Any]:

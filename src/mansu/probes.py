@@ -16,12 +16,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import Item, encode_items
 from .errors import MansuError
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .models import input_device
-from .methods import check_finite, retain_loss
+from .methods import check_finite, retain_loss, seeded
 from .results import Result
 
 
@@ -43,13 +44,13 @@ def paraphrase_items(items: Sequence[Item]) -> list[Item]:
 
 @torch.no_grad()
 def generation_recall(model: nn.Module, tokenizer, items: Sequence[Item], max_new_tokens: int = 8,
-                      batch_size: int = 32) -> float:
+                      batch_size: int = 32, progress: bool = True) -> float:
     """Fraction of items whose greedy continuation of the prompt starts with the answer (case and leading
     whitespace ignored): recall without the help of choices."""
     if not items:
         raise MansuError("generation recall needs at least one item")
     hits, side = 0, tokenizer.padding_side
-    for start in range(0, len(items), batch_size):
+    for start in tqdm(range(0, len(items), batch_size), desc="recall", leave=False, disable=not progress):
         chunk = items[start : start + batch_size]
         tokenizer.padding_side = "left"  # generation continues from the last position: pad on the left
         try:
@@ -82,7 +83,8 @@ def knowledge(model: nn.Module, tokenizer, items: Sequence[Item]) -> Knowledge:
         parts.append((len(with_choices), result.accuracy, result.true_prob))
     if without:
         result = evaluate(model, tokenizer, without, progress=False)
-        parts.append((len(without), generation_recall(model, tokenizer, without), math.exp(-result.answer_nll)))
+        parts.append((len(without), generation_recall(model, tokenizer, without, progress=False),
+                      math.exp(-result.answer_nll)))
     return Knowledge(*(sum(n * part[i] for n, *part in parts) / len(items) for i in (0, 1)))
 
 
@@ -104,10 +106,10 @@ class RelearnResult(Result):
 
 
 def relearn_attack(model: nn.Module, tokenizer, forget: Sequence[Item], formats: Sequence[str] = ("nf4",),
-                   steps: int = 10, lr: float = 1e-5, seed: int = 0) -> RelearnResult:
+                   steps: int = 10, lr: float = 1e-5, seed: int = 0, progress: bool = True) -> RelearnResult:
     """Fine-tune a copy of `model` (AdamW, `steps` steps on the answers' NLL) on half of `forget`, chosen
-    under `seed`, and score the other half before and after, in full precision and each format. `model`
-    itself is left as it was."""
+    under `seed` (which also seeds dropout), and score the other half before and after, in full precision and
+    each format. `model` itself, and the caller's global RNG, are left as they were."""
     if len(forget) < 2:
         raise MansuError("a relearning attack needs at least 2 forget items: half to train on, half to score")
     if steps < 1 or not lr > 0:
@@ -126,13 +128,14 @@ def relearn_attack(model: nn.Module, tokenizer, forget: Sequence[Item], formats:
     optimizer = torch.optim.AdamW(attacked.parameters(), lr=lr, weight_decay=0.0)
     attacked.train()
     losses = []
-    for step in range(1, steps + 1):
-        loss = retain_loss(attacked, batch)  # the answers' NLL: learning them again
-        check_finite(loss, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    with seeded(seed, attacked):
+        for step in tqdm(range(1, steps + 1), desc="relearn", leave=False, disable=not progress):
+            loss = retain_loss(attacked, batch)  # the answers' NLL: learning them again
+            check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
     attacked.eval()
     with torch.no_grad():
         losses.append(retain_loss(attacked, batch).item())

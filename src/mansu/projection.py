@@ -54,16 +54,13 @@ class LayerProjector:
     conv1d: bool  # GPT-2 Conv1D stores the weight as [in, out]
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
-        """delta[:, S] (I - U U^T), with the weight's own layout; refuses an update outside S."""
+        """delta[:, S] (I - U U^T), with the weight's own layout; columns outside S are returned as given
+        (this projector knows nothing of their retain inputs)."""
         d = delta.T if self.conv1d else delta  # [out, in]
         cols = self.columns.to(d.device)
-        outside = torch.ones(d.shape[1], dtype=torch.bool, device=d.device)
-        outside[cols] = False
-        if d[:, outside].any():
-            raise MansuError("the update touches input columns outside the projector's circuit columns")
         u = self.basis.to(d.device, d.dtype)
         block = d[:, cols]
-        out = torch.zeros_like(d)
+        out = d.clone()
         out[:, cols] = block - (block @ u) @ u.T
         return out.T if self.conv1d else out
 
@@ -86,16 +83,11 @@ class Projector(Result):
         return {**self.summary(), "skipped_names": self.skipped}
 
     def apply(self, update: Update) -> Update:
-        """The projected update; skipped params' entries are returned as given."""
-        out = {}
-        for name, delta in update.items():
-            if name in self.layers:
-                out[name] = self.layers[name].apply(delta)
-            elif name in self.skipped or not delta.any():
-                out[name] = delta
-            else:
-                raise MansuError(f"the update moves {name!r}, which the projector's mask does not select")
-        return out
+        """The projected update: a weight's circuit columns S are projected (every row of them); what the
+        projector has no projector for (columns outside S, parameters outside its mask, skipped ones) is
+        returned as given, so a whole model's update can pass through."""
+        return {name: self.layers[name].apply(delta) if name in self.layers else delta
+                for name, delta in update.items()}
 
 
 def linear_like(model: nn.Module, name: str) -> tuple[str, nn.Module | None, bool]:

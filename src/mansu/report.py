@@ -65,7 +65,7 @@ def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Se
     `probes` the forget set's paraphrase accuracy (None without paraphrases) and generation recall}. The
     formats in `forget_only` score the forget set alone (forgetting must hold in each; utility is watched
     where the targets are stated, full precision and the deployed format)."""
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .probes import generation_recall, paraphrase_items, variants
 
     paraphrased = paraphrase_items(sets["forget"])
@@ -80,7 +80,7 @@ def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Se
         if probes and fmt not in forget_only:
             out[fmt]["paraphrase_acc"] = (evaluate(scored, tokenizer, paraphrased, progress=False).accuracy
                                           if paraphrased else None)
-            out[fmt]["generation_recall"] = generation_recall(scored, tokenizer, sets["forget"])
+            out[fmt]["generation_recall"] = generation_recall(scored, tokenizer, sets["forget"], progress=False)
     return out
 
 
@@ -196,7 +196,7 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     scores (`before` of an earlier report on the same model, items and formats), not measured again.
     Retain, utility and the probes are scored in full precision and NF4; the forget set in every format."""
     from .attribution import attribute_circuit
-    from .cad import cad
+    from .circuit_divergence import cad
     from .data import check_disjoint
     from .pipeline import MansuConfig, unlearn
     from .models import save_model
@@ -228,15 +228,16 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     unlearn_s = time.perf_counter() - tick
     peak_unlearn = peak_rss_mb()
     after = accuracies(model, tokenizer, sets, formats, forget_only=forget_only)
-    attack = relearn_attack(model, tokenizer, forget, formats) if relearn else None
+    attack = relearn_attack(model, tokenizer, forget, formats, progress=config.progress) if relearn else None
     certificate = check(original, model, formats)
     del original
     # CAD needs the forget circuit of the original model; baselines have none, so it is attributed here
     # for them (outside the timed procedure) with MANSU's default circuit settings.
-    cad_result = cad(model, tokenizer, result.circuit or circuit, forget, retain)
+    cad_result = cad(model, tokenizer, result.circuit or circuit, forget, retain, progress=config.progress)
     # ... and on the deployed NF4 model: an edit that quantization rounds away leaves that model's circuit as
     # it was, whatever the full-precision CAD says.
-    cad_nf4 = cad(quantized_copy(model, "nf4"), tokenizer, result.circuit or circuit, forget, retain).value
+    cad_nf4 = cad(quantized_copy(model, "nf4"), tokenizer, result.circuit or circuit, forget, retain,
+                  progress=config.progress).value
     if save is not None:
         save_model(model, tokenizer, save)
     nf4 = certificate["nf4"]

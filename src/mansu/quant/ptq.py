@@ -70,7 +70,7 @@ def evaluate_formats(
     **eval_kwargs,
 ) -> dict[str, Any]:
     """`mansu.evaluate` on the full-precision model ('full') and on a quantized copy per format."""
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
 
     out = {"full": evaluate(model, tokenizer, items, **eval_kwargs)}
     for fmt in parse_formats(formats) if formats else []:

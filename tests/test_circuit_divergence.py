@@ -8,9 +8,9 @@ from torch import nn
 import mansu
 from mansu import MansuError
 from mansu.attribution import CircuitConfig, attribute_circuit
-from mansu.cad import THRESHOLD, cad, divergence
+from mansu.circuit_divergence import THRESHOLD, cad, divergence
 from mansu.data import encode, split
-from mansu.evaluate import answer_logprob
+from mansu.evaluation import answer_logprob
 from mansu.hooks import capture_inputs
 
 

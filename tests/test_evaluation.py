@@ -5,7 +5,7 @@ import torch
 
 import mansu
 from mansu.data import Item, encode
-from mansu.evaluate import answer_logprob
+from mansu.evaluation import answer_logprob
 
 
 def test_answer_logprob_matches_manual_sum_and_ignores_padding(tiny_model):

@@ -58,7 +58,7 @@ def cad(
     forget: Sequence[Item],
     retain: Sequence[Item] | None = None,
     threshold: float = THRESHOLD,
-    progress: bool = False,
+    progress: bool = True,
 ) -> CADResult:
     """CAD of `model` (the edited one) on `forget` over `circuit`'s components, scored as the circuit was."""
     config = circuit.config
