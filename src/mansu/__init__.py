@@ -12,6 +12,7 @@ from .errors import MansuError
 from .evaluate import EvalResult, evaluate
 from .fisher import BoundConfig, Fisher, FisherConfig, bound_update, diagonal_fisher
 from .floor import apply_floor_, floor_update
+from .harden import HardenConfig, harden
 from .methods import BaselineConfig
 from .models import EMBEDDED_MODEL, load_model, save_model
 from .pipeline import MansuConfig, UnlearnResult, unlearn
@@ -23,9 +24,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     # verbs
-    "load_model", "save_model", "evaluate", "unlearn", "check", "cad", "attribute_circuit",
+    "load_model", "save_model", "evaluate", "unlearn", "harden", "check", "cad", "attribute_circuit",
     # configs
-    "MansuConfig", "BaselineConfig", "CircuitConfig", "FisherConfig", "BoundConfig", "ProjectionConfig",
+    "MansuConfig", "HardenConfig", "BaselineConfig", "CircuitConfig", "FisherConfig", "BoundConfig", "ProjectionConfig",
     # results
     "UnlearnResult", "EvalResult", "Certificate", "Circuit", "CADResult", "Fisher", "Projector", "RelearnResult",
     # building blocks
