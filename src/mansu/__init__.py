@@ -12,6 +12,7 @@ from .errors import MansuError
 from .evaluation import EvalResult, answer_logprob, evaluate
 from .fisher import BoundConfig, BoundedUpdate, Fisher, FisherConfig, bound_update, diagonal_fisher
 from .floor import FloorStats, apply_floor_, floor_update
+from .harden import HardenConfig, harden
 from .lmeval import export_lmeval
 from .methods import BaselineConfig
 from .models import EMBEDDED_MODEL, load_model, save_model
@@ -26,9 +27,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     # verbs
-    "load_model", "save_model", "evaluate", "unlearn", "check", "cad", "attribute_circuit", "export_lmeval",
+    "load_model", "save_model", "evaluate", "unlearn", "harden", "check", "cad", "attribute_circuit",
+    "export_lmeval",
     # configs
-    "MansuConfig", "BaselineConfig", "CircuitConfig", "FisherConfig", "BoundConfig", "ProjectionConfig",
+    "MansuConfig", "HardenConfig", "BaselineConfig", "CircuitConfig", "FisherConfig", "BoundConfig", "ProjectionConfig",
     # results
     "UnlearnResult", "EvalResult", "Certificate", "FormatCheck", "Circuit", "CADResult", "Fisher", "Projector",
     "RelearnResult", "FloorStats", "BoundedUpdate", "BinGeometry",

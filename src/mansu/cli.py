@@ -1,4 +1,4 @@
-"""The `mansu` command: a thin front end over the library (demo, run, eval, check, export-lmeval)."""
+"""The `mansu` command: a thin front end over the library (demo, run, eval, check, harden, export-lmeval)."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,31 @@ def _run(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}" + (f" and the model to {args.save}" if args.save else ""))
 
 
+def _harden(args: argparse.Namespace) -> None:
+    import mansu
+
+    forget, retain = mansu.load_items(args.forget), mansu.load_items(args.retain)
+    mansu.data.check_disjoint(forget=forget, retain=retain)
+    if args.json:  # every output path is checked before the models load, not after the long work
+        mansu.files.claim(args.json)
+    mansu.models.claim_model_dir(args.out)
+    original, _ = mansu.load_model(args.before)
+    model, tokenizer = mansu.load_model(args.after)
+    result = mansu.harden(model, original, tokenizer, forget, retain,
+                          mansu.HardenConfig(edit=mansu.MansuConfig(seed=args.seed)))
+    del original
+    mansu.save_model(model, tokenizer, args.out)
+    last = result.rounds[-1] if result.rounds else {}
+    print(result)
+    print(f"forget accuracy: full {last.get('forget_acc_full')}, nf4 {last.get('forget_acc_nf4')}")
+    print(result.certificate.table())
+    if args.json:
+        result.save_json(args.json)
+    print(f"wrote the hardened model to {args.out}" + (f" and the report to {args.json}" if args.json else ""))
+    if not result.converged:
+        raise MansuError(f"hardening did not reach the forget target ({result.stop_reason}); the model was saved")
+
+
 def _demo(args: argparse.Namespace) -> None:
     import mansu
     from mansu.report import RunReport, comparison_table, plot_update_ratios
@@ -148,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the folder the task files go to (lm-eval's --include_path)")
     ex.add_argument("--name", required=True, help="the task name (and the files' names)")
     ex.set_defaults(func=_export_lmeval)
+    hd = sub.add_parser("harden", help="make another method's unlearned model keep its forgetting in NF4")
+    hd.add_argument("--before", required=True, help="the original model (directory, HF id or 'smollm2-135m')")
+    hd.add_argument("--after", required=True, help="the unlearned model (directory or HF id)")
+    hd.add_argument("--forget", required=True, help="JSONL items it was meant to forget (or a bundled set name)")
+    hd.add_argument("--retain", required=True, help="JSONL items to keep (or a bundled set name)")
+    hd.add_argument("--out", required=True, help="directory for the hardened model (new, empty, or a saved model)")
+    hd.add_argument("--json", help="write the result, rounds and certificate as JSON here (atomically)")
+    hd.add_argument("--seed", type=int, default=0)
+    hd.set_defaults(func=_harden)
     return parser
 
 

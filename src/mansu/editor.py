@@ -41,7 +41,7 @@ class Editor:
     Fisher and projector, and the quantized twin of the model, kept in step with every move."""
 
     def __init__(self, model: torch.nn.Module, mask: Mask, layout: dict[str, bool], fisher: Fisher,
-                 projector: Projector | None, config: Any):
+                 projector: Projector | None, config: Any, guide: dict[str, torch.Tensor] | None = None):
         self.model, self.config = model, config
         self.params = dict(model.named_parameters())
         self.layout = layout  # every quantized weight -> stored transposed (Conv1D); the circuit may grow into any
@@ -53,6 +53,12 @@ class Editor:
         self.down: Flat = {}
         self.scales: Flat = {}  # per circuit tensor, each block's decoding scale (the twin's, fixed)
         self.extend(mask, fisher, projector)
+        # A given move direction per circuit weight (`mansu.harden`: another method's update), used instead of
+        # the projected forget descent; the forget gradient still ranks the moves. Flat, or dense and flattened.
+        self.guide: Flat | None = None
+        if guide is not None:
+            self.guide = {n: (g[self.mask[n].to(g.device)] if g.shape == self.mask[n].shape else g)
+                          .float().to(self.mask[n].device) for n, g in guide.items()}
         self.spent = 0.0  # Fisher cost of the edits kept so far
         self.edits_per_round = config.edits_per_round
         # The deployed model, kept in step with the edit: only the blocks an edit touches are re-quantized.
@@ -126,7 +132,8 @@ class Editor:
             step_dir = -grad.float() * m  # fp32: neither the projection nor the scores round to bf16
             if self.projector is not None:
                 step_dir = self.projector.apply({name: step_dir})[name]
-            forget_grads[name], directions[name] = grad[m].float(), step_dir[m]
+            forget_grads[name] = grad[m].float()
+            directions[name] = self.guide[name] if self.guide is not None else step_dir[m]
 
         def take_retain(name: str, grad: torch.Tensor) -> None:
             retain_grads[name] = grad[self.mask[name]].float()
