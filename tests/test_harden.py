@@ -8,7 +8,7 @@ import torch
 import mansu
 from mansu.cli import main
 from mansu.editor import Editor
-from mansu.harden import guide_mask
+from mansu.hardening import guide_mask
 from mansu.quant import bin_geometry, quantized_layout, quantized_weights
 
 from conftest import make_tiny

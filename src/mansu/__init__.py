@@ -12,7 +12,7 @@ from .errors import MansuError
 from .evaluation import EvalResult, answer_logprob, evaluate
 from .fisher import BoundConfig, BoundedUpdate, Fisher, FisherConfig, bound_update, diagonal_fisher
 from .floor import FloorStats, apply_floor_, floor_update
-from .harden import HardenConfig, harden
+from .hardening import HardenConfig, harden
 from .lmeval import export_lmeval
 from .methods import BaselineConfig
 from .models import EMBEDDED_MODEL, load_model, save_model

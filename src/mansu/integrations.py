@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from .data import Item
 from .errors import MansuError
-from .harden import HardenConfig, harden
+from .hardening import HardenConfig, harden
 from .pipeline import UnlearnResult
 from .quant import quantized_weights
 
