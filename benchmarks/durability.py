@@ -314,6 +314,20 @@ def split_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def summary_table(by_method: dict[str, list[dict]]) -> list[str]:
+    """The short table the README copies: per method, the means of the numbers the targets are stated on."""
+    cols = [("forget_full", "forget full"), ("forget_nf4", "forget NF4"), ("forget_bnb_nf4", "forget bnb NF4"),
+            ("forget_worst_format", "forget worst format"), ("utility_drop_nf4", "utility drop NF4"),
+            ("paraphrase_full", "paraphrase"), ("relearn_recovery", "relearn recovery"), ("unlearn_s", "unlearn s")]
+    lines = ["| method (runs) | converged | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for label, group in by_method.items():
+        means = [statistics.mean(v) if (v := [r[c] for r in group if r[c] is not None]) else None for c, _ in cols]
+        lines.append(f"| {label} ({len(group)}) | {sum(bool(r['converged']) for r in group)} | "
+                     + " | ".join("-" if m is None else f"{m:.0f}" if c == "unlearn_s" else f"{m:.2f}"
+                                  for m, (c, _) in zip(means, cols)) + " |")
+    return lines
+
+
 def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], smoke: bool, out: Path, planned: int,
              seconds: float) -> str:
     """The tables of docs/results.md: per method mean ± spread; every MANSU failure listed."""
@@ -334,6 +348,8 @@ def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], smoke: bo
              "",
              f"Runs done: {sum(len(g) for g in by_method.values())} of {planned} planned, "
              f"{seconds / 3600:.1f} h of run time on this machine.", "",
+             "## Summary (means; the README's table)", "", *summary_table(by_method), "",
+             "## Every number, mean ± spread", "",
              "| method | runs | converged | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
     for label, group in by_method.items():
         converged = sum(bool(r["converged"]) for r in group)

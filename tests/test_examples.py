@@ -60,6 +60,7 @@ def test_quickstart_notebook_runs_top_to_bottom_and_is_stored_without_outputs(tm
 
 
 @pytest.mark.slow
+@pytest.mark.bar
 def test_harden_makes_graddiff_forget_in_nf4_on_the_embedded_model(examples):
     result, graddiff, hardened = examples("harden").main(smoke=False)
     assert graddiff.forget_nf4 > graddiff.forget_full  # the starting point: NF4 remembers
@@ -67,6 +68,7 @@ def test_harden_makes_graddiff_forget_in_nf4_on_the_embedded_model(examples):
 
 
 @pytest.mark.slow
+@pytest.mark.bar
 def test_trainer_callback_meets_the_bar_on_the_embedded_model(examples):
     result, numbers = examples("trainer_callback").main(smoke=False)
     assert result.converged and numbers.meets_targets(), numbers
