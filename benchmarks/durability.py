@@ -130,7 +130,7 @@ def run_job(job: dict[str, Any], out: Path, smoke: bool) -> None:
     """One run in this process: the method's report (mansu.report.run) plus the real bitsandbytes load. The
     unedited model's scores are measured once per split and shared by its runs (out/before/)."""
     import mansu
-    from mansu.report import accuracies, default_utility, run
+    from mansu.report import default_utility, run, run_scores
 
     tick = time.perf_counter()
     split = {s.name: s for s in suite(smoke)}[job["split"]]
@@ -144,7 +144,7 @@ def run_job(job: dict[str, Any], out: Path, smoke: bool) -> None:
     with open(cached.with_suffix(".lock"), "w") as lock:  # a parallel run of the same split waits, then reads
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not cached.exists():
-            before = accuracies(model, tokenizer, sets, formats, forget_only=[f for f in formats if f != "nf4"])
+            before = run_scores(model, tokenizer, sets, formats)
             before["bnb_nf4"] = bnb_load_accuracy(model, tokenizer, {"forget": forget, "utility": utility})
             mansu.files.write_json(cached, before)
     before = mansu.files.read_json(cached)

@@ -129,11 +129,14 @@ class Editor:
 
         def take_forget(name: str, grad: torch.Tensor) -> None:
             m = self.mask[name]
+            forget_grads[name] = grad[m].float()
+            if self.guide is not None:  # the direction is given: nothing to project
+                directions[name] = self.guide[name]
+                return
             step_dir = -grad.float() * m  # fp32: neither the projection nor the scores round to bf16
             if self.projector is not None:
                 step_dir = self.projector.apply({name: step_dir})[name]
-            forget_grads[name] = grad[m].float()
-            directions[name] = self.guide[name] if self.guide is not None else step_dir[m]
+            directions[name] = step_dir[m]
 
         def take_retain(name: str, grad: torch.Tensor) -> None:
             retain_grads[name] = grad[self.mask[name]].float()

@@ -84,6 +84,13 @@ def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Se
     return out
 
 
+def run_scores(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Sequence[str]
+               ) -> dict[str, dict[str, float | None]]:
+    """What `run` measures before and after the edit: every set and probe in full precision and NF4 (where
+    the targets are stated), the forget set alone in each other format."""
+    return accuracies(model, tokenizer, sets, formats, forget_only=[f for f in formats if f != "nf4"])
+
+
 @dataclass(repr=False)
 class RunReport(Result):
     """One unlearning run, before and after, in full precision and per quantized format."""
@@ -193,8 +200,9 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     """Evaluate, unlearn (in place), evaluate again, check permanence and CAD: one method's report.
     `utility`: items the edit never sees (default: the bundled sets unrelated to forget and retain);
     `relearn`: also run `mansu.probes.relearn_attack` on the edited model; `before`: the unedited model's
-    scores (`before` of an earlier report on the same model, items and formats), not measured again.
-    Retain, utility and the probes are scored in full precision and NF4; the forget set in every format."""
+    scores (`before` of an earlier report on the same model, items and formats, or `run_scores`), not
+    measured again. Retain, utility and the probes are scored in full precision and NF4; the forget set in
+    every format."""
     from .attribution import attribute_circuit
     from .circuit_divergence import cad
     from .data import check_disjoint
@@ -212,9 +220,8 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
         utility, utility_sets = default_utility(forget, retain)
     check_disjoint(forget=forget, retain=retain, utility=utility)
     sets = {"forget": forget, "retain": retain} | ({"utility": utility} if utility else {})
-    forget_only = [f for f in formats if f != "nf4"]
     if before is None:
-        before = accuracies(model, tokenizer, sets, formats, forget_only=forget_only)
+        before = run_scores(model, tokenizer, sets, formats)
     elif set(before) != {"full", *formats}:
         raise MansuError(f"`before` scores {sorted(before)}, but this run needs {sorted(['full', *formats])}")
     # CAD needs the original model's forget circuit. MANSU finds it as its first (timed) step; for the
@@ -227,7 +234,7 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     result = unlearn(model, tokenizer, forget, retain, config)
     unlearn_s = time.perf_counter() - tick
     peak_unlearn = peak_rss_mb()
-    after = accuracies(model, tokenizer, sets, formats, forget_only=forget_only)
+    after = run_scores(model, tokenizer, sets, formats)
     attack = relearn_attack(model, tokenizer, forget, formats, progress=config.progress) if relearn else None
     certificate = check(original, model, formats)
     del original
