@@ -1,14 +1,20 @@
 """Harden a model unlearned elsewhere: GradDiff forgets in full precision, NF4 brings the knowledge back;
 `mansu.harden` redoes the edit in moves NF4 keeps, and certifies them against the original.
 
-    python examples/harden.py            # the embedded SmolLM2-135M, demo split (minutes on a CPU)
-    python examples/harden.py --smoke    # a tiny random model (seconds): the plumbing only
+    python examples/harden.py                       # the embedded SmolLM2-135M, demo split (minutes on a CPU)
+    python examples/harden.py --direction descent   # moves in the forget descent's direction, not the guide's
+    python examples/harden.py --smoke               # a tiny random model (seconds): the plumbing only
 """
 from __future__ import annotations
+
+import sys
+from dataclasses import replace
 
 from _common import SMOKE, Measure, Numbers, harden_config, load, report
 
 import mansu
+
+DIRECTION = sys.argv[sys.argv.index("--direction") + 1] if "--direction" in sys.argv else "guide"
 
 
 def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
@@ -19,7 +25,8 @@ def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
     mansu.unlearn(s.model, s.tokenizer, s.forget, s.retain, config)
     graddiff = measure.show("GradDiff")
 
-    result = mansu.harden(s.model, measure.original, s.tokenizer, s.forget, s.retain, harden_config(smoke))
+    config = replace(harden_config(smoke), direction=DIRECTION)  # replace: the config checks the value
+    result = mansu.harden(s.model, measure.original, s.tokenizer, s.forget, s.retain, config)
     return result, graddiff, report("GradDiff + harden", result, measure.after())
 
 

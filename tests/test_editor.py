@@ -70,7 +70,7 @@ def test_the_retain_guard_undoes_a_harmful_round_and_halves_the_next(tokenizer, 
     forget = capitals[:4]
     retain = [Item(f"Say the word {it.answer} again:", it.answer) for it in forget]  # forgetting hurts these
     config = mansu.MansuConfig(progress=False, objective="ga", retain_weight=0.0, retain_guard=1e-6, max_rounds=3,
-                               grow_mass=0.0, edits_per_round=400, target_forget_acc=0.0,
+                               grow_mass=0.0, edits_per_round=400, target_forget_acc=0.0, backtracks=0,
                                circuit=mansu.CircuitConfig(top_k=4, mass=None, progress=False))
     result = mansu.unlearn(model, tokenizer, forget, retain, config)
     rounds = result.rounds
@@ -137,3 +137,52 @@ def test_a_random_circuit_has_the_attributed_size(tokenizer, capitals):
                                          config=mansu.CircuitConfig(top_k=3, mass=None, progress=False, random=True))
     assert (randomized.heads, randomized.neurons) == (attributed.heads, attributed.neurons)
     assert randomized.components != attributed.components
+
+
+def test_converged_needs_every_exam_format_and_no_ptq_gap(tokenizer, capitals):
+    from mansu.probes import Knowledge
+
+    editor = random_editor("llama", tokenizer, capitals, target_forget_acc=0.3, exam_formats=("q4_0", "fp4"))
+    assert editor.forgotten(Knowledge(0.2, 0.1), 0.2) and editor.forgotten(Knowledge(0.3, 0.1), 0.0)
+    assert not editor.forgotten(Knowledge(0.2, 0.1), 0.3)  # quantization brings knowledge back: a PTQ gap
+    assert not editor.forgotten(Knowledge(0.4, 0.1), 0.2)
+    forget = capitals[:4]
+    q4_0 = mansu.probes.knowledge(mansu.quantized_copy(editor.model, "q4_0"), tokenizer, forget).score
+    record = {}
+    passed = editor.passes_exam(tokenizer, forget, Knowledge(q4_0, 0.0), record)
+    assert record["forget_acc_q4_0"] == q4_0  # each exam format scored on a copy, and recorded
+    assert passed == (q4_0 <= 0.3 and record.get("forget_acc_fp4", 1.0) <= q4_0)
+    assert ("forget_acc_fp4" in record) == (q4_0 <= 0.3)  # the exam stops at the first failure
+
+
+def test_a_round_past_a_guard_gives_back_its_weaker_half_first(tokenizer, capitals):
+    editor = random_editor("llama", tokenizer, capitals, fisher_cost=False, edits_per_round=8)
+    name = next(iter(editor.mask))
+    deltas = editor.candidates(name, torch.ones(int(editor.mask[name].sum())))
+    entries = (deltas > 0).nonzero()[:8, 0]
+    forget = {n: torch.zeros_like(editor.original[n], dtype=torch.float32) for n in editor.mask}
+    for rank, entry in enumerate(entries.tolist()):  # benefit 1..8
+        forget[name][entry] = -(rank + 1.0) / deltas[entry]
+    zeros = {n: torch.zeros_like(g) for n, g in forget.items()}
+    moves = editor.propose(forget, zeros, {n: -g for n, g in forget.items()})
+    weaker = editor.weaker_half(moves)
+    assert weaker[name].nonzero()[:, 0].tolist() == entries[:4].tolist()  # the four lowest benefits
+
+
+def test_npo_fades_on_what_the_deployed_model_still_knows(tokenizer, capitals):
+    """saturate_on='quantized' is NPO's gradient with its per-item fading read on the twin: the same as plain
+    NPO when the twin is the model itself, and different once the twin differs."""
+    forget_batch, retain_batch = encode_items(tokenizer, capitals[:4]), encode_items(tokenizer, capitals[10:14])
+    grads = {}
+    for saturate_on in ("quantized", "full"):
+        editor = random_editor("llama", tokenizer, capitals, saturate_on=saturate_on)
+        with torch.no_grad():
+            ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
+        editor.quantized = editor.model  # a twin that is the model itself
+        grads[saturate_on] = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
+        if saturate_on == "quantized":
+            editor.quantized = make_tiny("llama", tokenizer, seed=1)  # a twin that knows other things
+            grads["other twin"] = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
+    for name, g in grads["full"].items():
+        assert torch.allclose(grads["quantized"][name], g, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(grads["other twin"][n], g, rtol=1e-3) for n, g in grads["full"].items())

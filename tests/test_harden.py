@@ -33,7 +33,7 @@ def test_harden_moves_only_the_guides_top_weights_in_its_direction_and_certifies
     after = {n: p.detach().clone() for n, p in model.state_dict().items()}
     layout = quantized_weights(model)
     result = mansu.harden(model, original, tokenizer, capitals[:4], capitals[4:12],
-                          mansu.HardenConfig(top_fraction=0.02, edit=FAST))
+                          mansu.HardenConfig(top_fraction=0.02, growths=0, edit=FAST))
     assert result.method == "harden" and result.certificate.certified and result.edited > 0
     assert mansu.check(original, model, ["nf4"])["nf4"].certified  # against the original, every weight
     state = model.state_dict()
@@ -49,6 +49,35 @@ def test_harden_moves_only_the_guides_top_weights_in_its_direction_and_certifies
         assert torch.equal(state[name], after[name])
     # the target (forget accuracy 0) is out of reach: said so, not hidden
     assert not result.converged and "top_fraction" in result.stop_reason
+
+
+def test_a_stalled_harden_doubles_its_set_and_keeps_what_moved(tokenizer, capitals):
+    model, original = unlearned(tokenizer)
+    layout = quantized_weights(model)
+    total = sum(p.numel() for n, p in model.named_parameters() if n in layout)
+    stalls = replace(FAST, max_rounds=6, patience=1, min_progress=0.99)  # every round counts as a stall
+    result = mansu.harden(model, original, tokenizer, capitals[:4], capitals[4:12],
+                          mansu.HardenConfig(top_fraction=0.01, growths=2, edit=stalls))
+    grown = [r["grown_to"] for r in result.rounds if "grown_to" in r]
+    assert len(grown) == 2 and grown[0] < grown[1] == result.circuit_params
+    assert grown[1] <= 0.04 * total + 1 and grown[0] > 0.01 * total  # the top 2x, then 4x, fraction
+    assert result.certificate.certified and mansu.check(original, model, ["nf4"])["nf4"].certified
+    assert "0.04" in result.stop_reason  # the widest set is the one named
+
+
+def test_descent_moves_inside_the_guides_set_the_forget_objectives_way(tokenizer, capitals):
+    model, original = unlearned(tokenizer)
+    after = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    layout = quantized_weights(model)
+    result = mansu.harden(model, original, tokenizer, capitals[:4], capitals[4:12],
+                          mansu.HardenConfig(top_fraction=0.02, growths=0, direction="descent", edit=FAST))
+    state = model.state_dict()
+    against = sum(int((torch.sign(state[n] - original[n]) == -torch.sign(after[n] - original[n]))
+                      [state[n] != original[n]].sum()) for n in layout)
+    assert against > 0  # the guide (noise here) says where; the descent, not the guide's sign, says which way
+    assert result.edited > 0 and result.certificate.certified
+    assert mansu.check(original, model, ["nf4"])["nf4"].certified
+    assert result.edited <= result.circuit_params <= 0.02 * sum(original[n].numel() for n in layout) + 1
 
 
 def test_guide_set_is_the_largest_update_per_bin_width(tokenizer):
@@ -81,7 +110,8 @@ def test_editor_follows_a_given_guide(tokenizer, capitals):
         assert torch.equal(directions[n], guide[n][mask[n]])
 
 
-@pytest.mark.parametrize("bad", [dict(top_fraction=0.0), dict(top_fraction=1.5), dict(rank_by="size"),
+@pytest.mark.parametrize("bad", [dict(top_fraction=0.0), dict(top_fraction=1.5), dict(rank_by="size"), dict(growths=-1),
+                                 dict(direction="up"),
                                  dict(edit={"max_rounds": 0}), dict(edit={"no_such": 1}), dict(top_fraction="a")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(mansu.MansuError):

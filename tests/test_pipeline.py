@@ -63,6 +63,10 @@ def test_config_and_input_errors(tokenizer):
         mansu.MansuConfig(format="q8_0")
     with pytest.raises(mansu.MansuError, match="energy"):
         mansu.MansuConfig(energy=1.5)
+    for bad, message in (({"retain_guard": 0.0}, "retain_guard"), ({"exam_formats": ["nf5"]}, "nf5"),
+                         ({"backtracks": -1}, "backtracks"), ({"saturate_on": "twin"}, "saturate_on")):
+        with pytest.raises(mansu.MansuError, match=message):
+            mansu.MansuConfig(**bad)
     with pytest.raises(mansu.MansuError, match="unknown baseline"):
         mansu.BaselineConfig(method="sgd")
     with pytest.raises(mansu.MansuError, match="non-empty forget"):

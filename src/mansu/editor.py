@@ -1,15 +1,20 @@
 """MANSU's edit loop: rounds of floored, projected, Fisher-priced moves inside the forget circuit.
 
 Each round:
-1. gradients of the forget objective and of the retain NLL, separately, on the circuit's weights only;
+1. gradients of the forget objective and of the retain NLL, separately, on the circuit's weights only (NPO by
+   default, whose per-item push fades once an item is forgotten; `saturate_on="quantized"` reads that fading
+   on the twin and the last failed exam format, so an item only full precision forgot keeps being pushed);
 2. every unmoved circuit weight's candidate move: to the neighbouring quantization level in the direction
    of the projected forget descent (so it crosses a bin by construction);
 3. score = (forget benefit - retain_weight * retain harm) / (Fisher cost + smoothing): first-order forget
    benefit, minus first-order retain *harm* (a move that would also lower the retain NLL earns nothing for it:
    retain gains are never bought), per unit of the second-order retain cost; the best are taken;
 4. a retain guard: if the round raised the retain NLL (full precision or quantized) past `retain_guard`
-   over the original, it is undone, its weights are frozen, and later rounds take half as many moves;
-5. the forget set is scored in full precision and on the quantized twin; both forgotten: done.
+   over the original, its weaker half of moves is given back (up to `backtracks` times), then all of it, and
+   later rounds take half as many moves; weights given back are never tried again;
+5. the forget set is scored in full precision and on the quantized twin; once both are forgotten and the twin
+   knows no more than full precision (PTQ gap <= 0), the same is checked on a copy in every `exam_formats`
+   format; all pass: done.
 Memory follows the circuit: per circuit tensor every vector is flat over its mask's entries, in mask order
 (as the Fisher keeps them), on the parameter's device.
 """
@@ -28,10 +33,11 @@ from .evaluation import answer_logprob
 from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
 from .floor import floor_update
 from .methods import RoundCallback, check_finite, forget_loss, retain_loss
-from .probes import knowledge
+from .probes import Knowledge, knowledge
 from .projection import Projector
 from .quant import (Certificate, bin_geometry, block_scales, check, codes_at_scale, encode, get_format, keeps_tail,
                     quantized_copy, quantized_layout, to_blocks)
+from .data import Batch
 
 Flat = dict[str, torch.Tensor]  # per circuit tensor, a vector over its mask's entries
 
@@ -57,9 +63,9 @@ class Editor:
         # the projected forget descent; the forget gradient still ranks the moves. Flat, or dense and flattened.
         self.guide: Flat | None = None
         if guide is not None:
-            self.guide = {n: (g[self.mask[n].to(g.device)] if g.shape == self.mask[n].shape else g)
-                          .float().to(self.mask[n].device) for n, g in guide.items()}
+            self.set_guide(guide)
         self.spent = 0.0  # Fisher cost of the edits kept so far
+        self.exam_logprob: torch.Tensor | None = None  # the forget answers' log-probs in the last failed exam format
         self.edits_per_round = config.edits_per_round
         # The deployed model, kept in step with the edit: only the blocks an edit touches are re-quantized.
         self.quantized = quantized_copy(model, config.format)
@@ -86,6 +92,11 @@ class Editor:
             # computed once, in the parameter's dtype. A move writes that value itself (w + delta rounds in bf16).
             self.up[name], self.down[name] = self.target(name, +1), self.target(name, -1)
         self.fisher, self.projector = fisher, projector
+
+    def set_guide(self, guide: dict[str, torch.Tensor]) -> None:
+        """Take `guide` (per circuit tensor: flat over its mask, or dense) as every weight's move direction."""
+        self.guide = {n: (g[self.mask[n].to(g.device)] if g.shape == self.mask[n].shape else g)
+                      .float().to(self.mask[n].device) for n, g in guide.items()}
 
     def target(self, name: str, sign: int) -> torch.Tensor:
         """Where every masked weight of `name` goes on a move up (+1) or down (-1): the neighbouring level
@@ -142,8 +153,22 @@ class Editor:
             retain_grads[name] = grad[self.mask[name]].float()
 
         cfg = self.config
-        losses = {"forget_loss": self._backward(lambda: forget_loss(self.model, forget_batch, cfg.objective, ref,
-                                                                    cfg.npo_beta), take_forget, step),
+
+        def forget_objective() -> torch.Tensor:
+            if cfg.objective != "npo" or cfg.saturate_on == "full":
+                return forget_loss(self.model, forget_batch, cfg.objective, ref, cfg.npo_beta)
+            # NPO's gradient, 2 sigmoid(beta (logp - ref)) dlogp, with its fading read on the quantized twin (and on
+            # the last exam's failing format): an item full precision forgot but a deployed model still knows keeps
+            # its weight.
+            with torch.no_grad():
+                deployed = answer_logprob(self.quantized, forget_batch)
+                if self.exam_logprob is not None:
+                    deployed = torch.maximum(deployed, self.exam_logprob.to(deployed.device))
+                weight = torch.sigmoid(cfg.npo_beta * (deployed - ref.to(deployed.device)))
+            logprob = answer_logprob(self.model, forget_batch)
+            return 2.0 * (weight.to(logprob.device) * logprob).mean()
+
+        losses = {"forget_loss": self._backward(forget_objective, take_forget, step),
                   "retain_nll": self._backward(lambda: retain_loss(self.model, retain_batch), take_retain, step)}
         return forget_grads, retain_grads, directions, losses
 
@@ -183,6 +208,9 @@ class Editor:
         keep[score.topk(min(self.edits_per_round, int(useful.sum()))).indices] = True
         kept = keep.split([len(deltas[n]) for n in names])
         moves = {n: deltas[n] * k.to(deltas[n].device) for n, k in zip(names, kept)}
+        # each chosen move's score, so a round that breaches a guard can give back its weaker moves first
+        self.scores = {n: sc.to(deltas[n].device) * k.to(deltas[n].device)
+                       for n, sc, k in zip(names, score.split([len(deltas[n]) for n in names]), kept)}
         if cfg.fisher_budget is not None:
             remaining = cfg.fisher_budget - self.spent
             if remaining <= 0:
@@ -215,7 +243,12 @@ class Editor:
             self.spent -= float(self.fisher.entry_cost(n, delta).sum())
             chosen = delta != 0
             self._write(n, torch.where(chosen, self.original[n], self.params[n].detach()[self.mask[n]]), chosen)
-        self.edits_per_round = max(1, self.edits_per_round // 2)
+
+    def weaker_half(self, moves: Flat) -> Flat:
+        """The lower-scored half of `moves` (the last proposal's scores)."""
+        chosen = torch.cat([self.scores[n][d != 0].float().cpu() for n, d in moves.items()])
+        cut = chosen.median()
+        return {n: d * ((self.scores[n] <= cut) & (d != 0)) for n, d in moves.items()}
 
     def _write(self, name: str, values: torch.Tensor, chosen: torch.Tensor) -> None:
         self.params[name].detach()[self.mask[name]] = values
@@ -243,9 +276,9 @@ class Editor:
     def run(self, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
             grow: Callable[["Editor"], bool] | None = None, callback: RoundCallback | None = None
             ) -> tuple[list[dict[str, Any]], bool, str]:
-        """Rounds until the forget set is forgotten in full precision and on the twin (the rounds, converged,
-        and why it stopped). On a stall, `grow(editor)` may extend the circuit; False when it cannot.
-        `callback(record)` sees each round; a true return stops the run."""
+        """Rounds until the forget set is forgotten in full precision, on the twin and in the exam formats (the
+        rounds, converged, and why it stopped). On a stall, `grow(editor)` may extend the circuit; False when it cannot. `callback(record)` sees each
+        round; a true return stops the run."""
         cfg = self.config
         rng = random.Random(cfg.seed)
         forget_batch = encode_items(tokenizer, forget)
@@ -266,11 +299,21 @@ class Editor:
                                       "moves": sum(int((d != 0).sum()) for d in moves.values())}
             if moves:
                 self.apply(moves)
-                with torch.no_grad():
-                    harm = [after - before for after, before in zip(self.retain_nll(guard_batch), guard_ref)]
-                record |= {"retain_nll_increase_full": harm[0], f"retain_nll_increase_{cfg.format}": harm[1]}
-                if cfg.retain_guard is not None and max(harm) > cfg.retain_guard:
+                breached = self.guarded(guard_batch, guard_ref, record)
+                # Past the guard: give back the weaker half of the round's moves, up to `backtracks` times; then all
+                # of it, and later rounds take half as many moves. Given-back weights are never tried again.
+                for _ in range(cfg.backtracks):
+                    if not breached or record["moves"] < 2:
+                        break
+                    weaker = self.weaker_half(moves)
+                    self.undo(weaker)
+                    moves = {n: d - weaker[n] for n, d in moves.items()}
+                    record["moves"] = sum(int((d != 0).sum()) for d in moves.values())
+                    record["backtracked"] = record.get("backtracked", 0) + 1
+                    breached = self.guarded(guard_batch, guard_ref, record)
+                if breached:
                     self.undo(moves)
+                    self.edits_per_round = max(1, self.edits_per_round // 2)
                     record["undone"] = True
             full, quant = knowledge(self.model, tokenizer, forget), knowledge(self.quantized, tokenizer, forget)
             record |= {"seconds": time.perf_counter() - tick,  # the round alone (a growth comes after it)
@@ -280,7 +323,7 @@ class Editor:
             rounds.append(record)
             bar.set_postfix(full=full.score, quant=quant.score, edited=record["edited"])
             stop = callback is not None and bool(callback(record))
-            if full.score <= cfg.target_forget_acc and quant.score <= cfg.target_forget_acc:
+            if self.forgotten(full, quant.score) and self.passes_exam(tokenizer, forget, full, record, forget_batch):
                 return rounds, True, "converged"
             if stop:
                 return rounds, False, "callback"
@@ -297,9 +340,38 @@ class Editor:
                 record["grown_to"] = self.circuit_params()
         return rounds, False, "max_rounds"
 
-    def retain_nll(self, batch) -> tuple[float, float]:
+    def guarded(self, batch: Batch, reference: tuple[float, float], record: dict[str, Any]) -> bool:
+        """Read the retain NLL's rise over the original (recorded); True when it is past the guard."""
+        harm = [after - before for after, before in zip(self.retain_nll(batch), reference)]
+        record |= {"retain_nll_increase_full": harm[0], f"retain_nll_increase_{self.config.format}": harm[1]}
+        return self.config.retain_guard is not None and max(harm) > self.config.retain_guard
+
+    @torch.no_grad()
+    def retain_nll(self, batch: Batch) -> tuple[float, float]:
         """Mean answer NLL of `batch` in full precision and on the twin (the guard's two readings)."""
         return tuple(-answer_logprob(m, batch).mean().item() for m in (self.model, self.quantized))
+
+    def forgotten(self, full: Knowledge, score: float) -> bool:
+        """At most the target in full precision and in a quantized reading `score`, which knows no more than
+        full precision (PTQ gap <= 0)."""
+        return max(full.score, score) <= self.config.target_forget_acc and score <= full.score
+
+    def passes_exam(self, tokenizer, forget: Sequence[Item], full: Knowledge, record: dict[str, Any],
+                    forget_batch: Batch | None = None) -> bool:
+        """The forget set forgotten in a copy of the model in each exam format, each recorded; stops at a failure,
+        whose forget log-probs (of `forget_batch`) the next rounds' NPO fading reads."""
+        for fmt in self.config.exam_formats:
+            copy_ = quantized_copy(self.model, fmt)
+            score = knowledge(copy_, tokenizer, forget).score
+            record[f"forget_acc_{fmt}"] = score
+            if not self.forgotten(full, score):
+                if forget_batch is not None:
+                    with torch.no_grad():
+                        self.exam_logprob = answer_logprob(copy_, forget_batch)
+                return False
+            del copy_
+        self.exam_logprob = None
+        return True
 
     def certify(self) -> Certificate:
         """Free the quantized twin (the rounds are over), then check the edit against the original weights."""

@@ -9,13 +9,14 @@ edit as a guide to *where* and *which way* the forgetting lives, and redoes it i
    and the certificate holds against the original (the weights NF4 leaves in full precision keep the edit);
 3. MANSU's edit loop (`mansu.editor.Editor`) on that set, each weight moving to the neighbouring level in the
    guide's direction, ranked by forget benefit net of retain harm per Fisher cost, under the retain guard,
-   until the forget set is forgotten in full precision and on the quantized twin;
+   until the forget set is forgotten in full precision, on the quantized twin and in the exam formats; when
+   it stalls, the set doubles (the guide's top 2x, 4x, ... `top_fraction`, `growths` times);
 4. the certificate: every changed weight flips its code, nothing else does.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -30,6 +31,7 @@ from .pipeline import MansuConfig, UnlearnResult, _config_dict
 from .quant import bin_geometry, quantized_layout, quantized_weights
 
 RANKINGS = ("bins", "magnitude")
+DIRECTIONS = ("guide", "descent")
 
 
 @dataclass
@@ -38,12 +40,19 @@ class HardenConfig:
 
     top_fraction: float = 0.005  # fraction of the quantized weights the edit may move: the guide's largest
     rank_by: str = "bins"  # "bins": |guide| / NF4 bin width (how far the guide went); "magnitude": |guide|
+    growths: int = 3  # a stalled edit's set doubles, at most this many times (the top 2x, 4x, ... fraction)
+    direction: str = "guide"  # each weight's move: "guide" (the other method's sign) or "descent" (the forget
+    # objective's descent on the model being hardened): the guide then says where, not which way
     edit: MansuConfig = field(default_factory=lambda: MansuConfig(progress=False))
 
     def __post_init__(self) -> None:
         check_types(self)
         if not 0 < self.top_fraction <= 1:
             raise MansuError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        if self.growths < 0:
+            raise MansuError(f"growths must be >= 0, got {self.growths}")
+        if self.direction not in DIRECTIONS:
+            raise MansuError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.rank_by not in RANKINGS:
             raise MansuError(f"rank_by must be one of {RANKINGS}, got {self.rank_by!r}")
         self.edit = from_dict(MansuConfig, self.edit)
@@ -113,7 +122,11 @@ def harden(model: torch.nn.Module, original: Any, tokenizer, forget: Sequence[It
     layout = quantized_weights(model)
     require_loaded(model, layout)
     before = original_weights(original, layout)
-    mask, guide = guide_mask(model, before, layout, config)
+    # The sets of every growth, found before the weights go back to the original (the guide is their difference).
+    fractions = [min(1.0, config.top_fraction * 2 ** g) for g in range(config.growths + 1)]
+    levels = [guide_mask(model, before, layout, replace(config, top_fraction=f))
+              for f in sorted(set(fractions))]
+    mask, guide = levels.pop(0)
     params = dict(model.named_parameters())
     with torch.no_grad():  # back to the original: every change that remains is a move of the loop below
         for name in layout:
@@ -122,13 +135,24 @@ def harden(model: torch.nn.Module, original: Any, tokenizer, forget: Sequence[It
 
     # The direction is given, so no projector: the ranking's retain-harm term and the guard protect retain.
     fisher = diagonal_fisher(model, tokenizer, retain, mask, progress=edit.progress)
-    editor = Editor(model, mask, layout, fisher, None, edit, guide)
+    editor = Editor(model, mask, layout, fisher, None, edit, guide if config.direction == "guide" else None)
     timing["fisher"], tick = time.perf_counter() - tick, time.perf_counter()
 
-    rounds, converged, reason = editor.run(tokenizer, forget, retain)
+    def grow(editor: Editor) -> bool:
+        """The next growth's set (a superset: each weight already moved stays in it); False past the last."""
+        if not levels:
+            return False
+        wider, wider_guide = levels.pop(0)
+        editor.extend(wider, diagonal_fisher(model, tokenizer, retain, wider, progress=edit.progress), None)
+        if config.direction == "guide":
+            editor.set_guide(wider_guide)
+        return True
+
+    rounds, converged, reason = editor.run(tokenizer, forget, retain, grow)
     if not converged:
-        reason += (f": the guide's top {config.top_fraction:g} of weights did not reach forget accuracy "
-                   f"{edit.target_forget_acc} in full precision and {edit.format}; raise top_fraction")
+        reached = fractions[-1] if config.growths else config.top_fraction
+        reason += (f": the guide's top {reached:g} of weights did not reach forget accuracy "
+                   f"{edit.target_forget_acc} in full precision and every format; raise top_fraction")
     timing["edit"], tick = time.perf_counter() - tick, time.perf_counter()
     certificate = editor.certify()
     timing["check"] = time.perf_counter() - tick

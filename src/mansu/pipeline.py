@@ -4,8 +4,9 @@
 2. diagonal Fisher and null-space projectors on the retain set
 3. rounds (mansu.editor): every candidate weight moves to the neighbouring NF4 level in the projected forget
    descent direction; moves are ranked by forget benefit net of first-order retain harm, per Fisher cost; a
-   retain guard undoes a round that hurts the retain set; stop once the forget set is forgotten both in full
-   precision and in the quantized (deployed) model. When progress stalls, the circuit grows: attribution
+   retain guard gives back a round (its weaker half first) that hurts the retain set; stop once the forget set
+   is forgotten in full precision and in the quantized (deployed) model with no PTQ gap, and then in a copy
+   in every exam format. When progress stalls, the circuit grows: attribution
    on the edited model adds the components that now carry the knowledge
 4. quantize-and-check: the permanence certificate against the original weights
 """
@@ -39,8 +40,11 @@ class MansuConfig:
     circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig(mass=0.3, retain_penalty=1.0, progress=False))
     energy: float | None = 0.99  # retain energy the projector protects; None: no projection
     fisher_budget: float | None = None  # cap on 0.5 sum F delta^2 over all edits (nats/item); None: no cap
-    retain_weight: float = 1.0  # weight of a move's first-order retain harm in its score (gains earn nothing)
+    retain_weight: float = 1.0  # weight of a move's first-order retain harm in its score
     retain_guard: float | None = 0.25  # undo a round raising the retain NLL (nats/item) by more; None: no guard
+    backtracks: int = 3  # a round past a guard gives back its weaker half up to this many times, then all of it
+    exam_formats: tuple[str, ...] = ("nf4-dq", "fp4", "int8", "q4_0", "q8_0")  # converged also needs the forget
+    # set forgotten in each of these (full-model copies, checked once full precision and the twin are done)
     format: str = "nf4"  # the deployed format every edit must cross a bin of
     floor_mode: str = "snap"  # "snap": onto the neighbouring level; "margin": just inside the next bin
     edits_per_round: int = 20_000  # weights moved per round
@@ -56,6 +60,8 @@ class MansuConfig:
     retain_sample: int = 64  # retain items in each round's gradient
     attribution_retain: int = 16  # retain items whose attribution penalises circuit components
     npo_beta: float = 1.0  # NPO inverse temperature: larger stops pushing forgotten items sooner
+    saturate_on: str = "full"  # NPO stops pushing an item once this model forgot it: "quantized" (the twin)
+    # or "full" (plain NPO: full precision can forget an item the deployed model still knows)
     seed: int = 0  # the retain samples' draws (a local generator: the caller's global RNG is left as it was)
     progress: bool = True
 
@@ -71,6 +77,8 @@ class MansuConfig:
         fmt = get_format(self.format)
         if not fmt.absmax_scaled:
             raise MansuError(f"the floor needs an absmax-scaled 4-bit format (nf4, fp4, -dq), not {self.format!r}")
+        if self.saturate_on not in ("quantized", "full"):
+            raise MansuError(f"saturate_on must be 'quantized' or 'full', got {self.saturate_on!r}")
         if self.floor_mode not in ("snap", "margin"):
             raise MansuError(f"floor_mode must be 'snap' or 'margin', got {self.floor_mode!r}")
         for name in ("edits_per_round", "max_rounds", "retain_sample", "attribution_retain", "patience"):
@@ -80,6 +88,11 @@ class MansuConfig:
             raise MansuError("retain_weight, cost_smoothing, grow_mass and max_growths must be >= 0, npo_beta > 0")
         if self.retain_guard is not None and self.retain_guard <= 0:
             raise MansuError(f"retain_guard must be > 0 (or None), got {self.retain_guard}")
+        if self.backtracks < 0:
+            raise MansuError(f"backtracks must be >= 0, got {self.backtracks}")
+        self.exam_formats = tuple(self.exam_formats)
+        for name in self.exam_formats:
+            get_format(name)  # an unknown format fails here, not after the edit
         if not 0 <= self.min_progress < 1:
             raise MansuError(f"min_progress must be in [0, 1), got {self.min_progress}")
         if not 0 <= self.target_forget_acc <= 1:
