@@ -1,8 +1,11 @@
 """Trace MANSU's edit loop on one split of the durability suite: every round's record, then why it stopped.
 
     python benchmarks/rounds.py same-capitals-10 '{"retain_sample": 32}'
+    python benchmarks/rounds.py cross-capitals-20 '{}' --utility-every 2
 
-The second argument (optional) is JSON of MansuConfig overrides.
+The second argument (optional) is JSON of MansuConfig overrides. With `--utility-every K`, every K-th round
+also reads the accuracy of each untouched bundled set (its first 20 items) and of the
+forget set's paraphrases, and the end prints both and the forget set in every quantized format.
 """
 from __future__ import annotations
 
@@ -12,22 +15,51 @@ import sys
 import durability
 
 import mansu
+from mansu.probes import paraphrase_items
+from mansu.report import default_utility
+
+FORMATS = ("nf4", "nf4-dq", "fp4", "int8", "q4_0", "q8_0")
 
 
 def main() -> None:
-    if len(sys.argv) not in (2, 3):
+    args = sys.argv[1:]
+    every = 0
+    if "--utility-every" in args:
+        at = args.index("--utility-every")
+        every = int(args[at + 1])
+        del args[at : at + 2]
+    if len(args) not in (1, 2):
         raise SystemExit(__doc__)
     splits = {s.name: s for s in durability.suite()}
-    if sys.argv[1] not in splits:
-        raise SystemExit(f"unknown split {sys.argv[1]!r}; one of {', '.join(splits)}")
-    overrides = json.loads(sys.argv[2]) if len(sys.argv) == 3 else {}
-    forget, retain = splits[sys.argv[1]].items()
+    if args[0] not in splits:
+        raise SystemExit(f"unknown split {args[0]!r}; one of {', '.join(splits)}")
+    overrides = json.loads(args[1]) if len(args) == 2 else {}
+    forget, retain = splits[args[0]].items()
     model, tokenizer = mansu.load_model()
-    result = mansu.unlearn(model, tokenizer, forget, retain, mansu.MansuConfig(progress=False, **overrides))
-    for record in result.rounds:
+    _, names = default_utility(forget, retain)
+    utility = {name: mansu.load_bundled(name)[:20] for name in names}
+
+    def probe() -> str:
+        drops = {n: round(mansu.evaluate(model, tokenizer, items, progress=False).accuracy - before[n], 2)
+                 for n, items in utility.items()}
+        paraphrase = mansu.evaluate(model, tokenizer, paraphrase_items(forget), progress=False).accuracy
+        return f"utility change {drops}, paraphrase {paraphrase:.2f}"
+
+    before = {n: mansu.evaluate(model, tokenizer, items, progress=False).accuracy for n, items in utility.items()}
+
+    def show(record: dict) -> None:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}, flush=True)
-    print(f"{sys.argv[1]} {overrides}: {result.stop_reason}, edited {result.edited:,}, "
+        if every and record["round"] % every == 0:
+            print(f"  round {record['round']}: {probe()}", flush=True)
+
+    result = mansu.unlearn(model, tokenizer, forget, retain, mansu.MansuConfig(progress=False, **overrides),
+                           callback=show)
+    print(f"{args[0]} {overrides}: {result.stop_reason}, edited {result.edited:,}, "
           f"timing {({k: round(v, 1) for k, v in result.timing_s.items()})}")
+    if every:
+        formats = {f: mansu.evaluate(mansu.quantized_copy(model, f), tokenizer, forget, progress=False).accuracy
+                   for f in FORMATS}
+        print(f"end: {probe()}; forget by format {formats}")
 
 
 if __name__ == "__main__":

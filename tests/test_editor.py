@@ -142,10 +142,14 @@ def test_a_random_circuit_has_the_attributed_size(tokenizer, capitals):
 def test_converged_needs_every_exam_format_and_no_ptq_gap(tokenizer, capitals):
     from mansu.probes import Knowledge
 
-    editor = random_editor("llama", tokenizer, capitals, target_forget_acc=0.3, exam_formats=("q4_0", "fp4"))
+    editor = random_editor("llama", tokenizer, capitals, target_forget_acc=0.3, exam_formats=("q4_0", "fp4"),
+                           stop_on_gap=True)
     assert editor.forgotten(Knowledge(0.2, 0.1), 0.2) and editor.forgotten(Knowledge(0.3, 0.1), 0.0)
     assert not editor.forgotten(Knowledge(0.2, 0.1), 0.3)  # quantization brings knowledge back: a PTQ gap
     assert not editor.forgotten(Knowledge(0.4, 0.1), 0.2)
+    editor.config.stop_on_gap = False  # the default: each reading within the target is enough
+    assert editor.forgotten(Knowledge(0.2, 0.1), 0.3) and not editor.forgotten(Knowledge(0.2, 0.1), 0.35)
+    editor.config.stop_on_gap = True
     forget = capitals[:4]
     q4_0 = mansu.probes.knowledge(mansu.quantized_copy(editor.model, "q4_0"), tokenizer, forget).score
     record = {}

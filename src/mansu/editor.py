@@ -12,9 +12,9 @@ Each round:
 4. a retain guard: if the round raised the retain NLL (full precision or quantized) past `retain_guard`
    over the original, its weaker half of moves is given back (up to `backtracks` times), then all of it, and
    later rounds take half as many moves; weights given back are never tried again;
-5. the forget set is scored in full precision and on the quantized twin; once both are forgotten and the twin
-   knows no more than full precision (PTQ gap <= 0), the same is checked on a copy in every `exam_formats`
-   format; all pass: done.
+5. the forget set is scored in full precision and on the quantized twin; once both are forgotten (with
+   `stop_on_gap`, the twin also knowing no more than full precision), the same is checked on a copy in every
+   `exam_formats` format; all pass: done.
 Memory follows the circuit: per circuit tensor every vector is flat over its mask's entries, in mask order
 (as the Fisher keeps them), on the parameter's device.
 """
@@ -352,9 +352,10 @@ class Editor:
         return tuple(-answer_logprob(m, batch).mean().item() for m in (self.model, self.quantized))
 
     def forgotten(self, full: Knowledge, score: float) -> bool:
-        """At most the target in full precision and in a quantized reading `score`, which knows no more than
-        full precision (PTQ gap <= 0)."""
-        return max(full.score, score) <= self.config.target_forget_acc and score <= full.score
+        """At most the target in full precision and in a quantized reading `score` (with `stop_on_gap`, which
+        also knows no more than full precision: PTQ gap <= 0)."""
+        within = max(full.score, score) <= self.config.target_forget_acc
+        return within and (score <= full.score or not self.config.stop_on_gap)
 
     def passes_exam(self, tokenizer, forget: Sequence[Item], full: Knowledge, record: dict[str, Any],
                     forget_batch: Batch | None = None) -> bool:
