@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Item, encode_items
+from .data import Batch, Item, encode_items
 from .evaluation import answer_logprob
 from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
 from .floor import floor_update
@@ -37,7 +37,6 @@ from .probes import Knowledge, knowledge
 from .projection import Projector
 from .quant import (Certificate, bin_geometry, block_scales, check, codes_at_scale, encode, get_format, keeps_tail,
                     quantized_copy, quantized_layout, to_blocks)
-from .data import Batch
 
 Flat = dict[str, torch.Tensor]  # per circuit tensor, a vector over its mask's entries
 
@@ -277,8 +276,8 @@ class Editor:
             grow: Callable[["Editor"], bool] | None = None, callback: RoundCallback | None = None
             ) -> tuple[list[dict[str, Any]], bool, str]:
         """Rounds until the forget set is forgotten in full precision, on the twin and in the exam formats (the
-        rounds, converged, and why it stopped). On a stall, `grow(editor)` may extend the circuit; False when it cannot. `callback(record)` sees each
-        round; a true return stops the run."""
+        rounds, converged, and why it stopped). On a stall, `grow(editor)` may extend the circuit; False when it
+        cannot. `callback(record)` sees each round; a true return stops the run."""
         cfg = self.config
         rng = random.Random(cfg.seed)
         forget_batch = encode_items(tokenizer, forget)
