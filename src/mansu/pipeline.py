@@ -42,11 +42,12 @@ class MansuConfig:
     fisher_budget: float | None = None  # cap on 0.5 sum F delta^2 over all edits (nats/item); None: no cap
     retain_weight: float = 1.0  # weight of a move's first-order retain harm in its score
     retain_guard: float | None = 0.25  # undo a round raising the retain NLL (nats/item) by more; None: no guard
-    backtracks: int = 3  # a round past a guard gives back its weaker half up to this many times, then all of it
+    backtracks: int = 0  # a round past the guard gives back its weaker half up to this many times, then all of it
     stop_on_gap: bool = False  # converged also needs every quantized reading to know no more than full precision
     # (PTQ gap <= 0); False: each at most target_forget_acc (the strict rule stalls once full precision overshoots)
-    exam_formats: tuple[str, ...] = ("nf4-dq", "fp4", "int8", "q4_0", "q8_0")  # converged also needs the forget
-    # set forgotten in each of these (full-model copies, checked once full precision and the twin are done)
+    exam_formats: tuple[str, ...] = ()  # converged also needs the forget set forgotten in each of these formats
+    # (full-model copies, checked once full precision and the twin are done); e.g. ("nf4-dq", "fp4", "int8",
+    # "q4_0", "q8_0"), as the durability suite's v3 runs used
     format: str = "nf4"  # the deployed format every edit must cross a bin of
     floor_mode: str = "snap"  # "snap": onto the neighbouring level; "margin": just inside the next bin
     edits_per_round: int = 20_000  # weights moved per round
