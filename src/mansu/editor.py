@@ -295,7 +295,7 @@ class Editor:
             forget_grads, retain_grads, directions, losses = self.gradients(forget_batch, retain_batch, ref, step)
             moves = self.propose(forget_grads, retain_grads, directions)
             record: dict[str, Any] = {"round": step, **losses, "circuit_params": self.circuit_params(),
-                                      "moves": sum(int((d != 0).sum()) for d in moves.values())}
+                                      "moves": _count(moves)}
             if moves:
                 self.apply(moves)
                 breached = self.guarded(guard_batch, guard_ref, record)
@@ -307,7 +307,7 @@ class Editor:
                     weaker = self.weaker_half(moves)
                     self.undo(weaker)
                     moves = {n: d - weaker[n] for n, d in moves.items()}
-                    record["moves"] = sum(int((d != 0).sum()) for d in moves.values())
+                    record["moves"] = _count(moves)
                     record["backtracked"] = record.get("backtracked", 0) + 1
                     breached = self.guarded(guard_batch, guard_ref, record)
                 if breached:
@@ -322,7 +322,8 @@ class Editor:
             rounds.append(record)
             bar.set_postfix(full=full.score, quant=quant.score, edited=record["edited"])
             stop = callback is not None and bool(callback(record))
-            if self.forgotten(full, quant.score) and self.passes_exam(tokenizer, forget, full, record, forget_batch):
+            fading = forget_batch if cfg.saturate_on == "quantized" else None  # only then is the exam's reading used
+            if self.forgotten(full, quant.score) and self.passes_exam(tokenizer, forget, full, record, fading):
                 return rounds, True, "converged"
             if stop:
                 return rounds, False, "callback"
@@ -382,3 +383,8 @@ class Editor:
             before[n][m] = self.original[n]
         edited = {n: self.params[n].detach() for n in self.mask}
         return check(before, edited, self.config.format, {n: self.layout[n] for n in self.mask})
+
+
+def _count(moves: Flat) -> int:
+    """How many weights `moves` moves."""
+    return sum(int((d != 0).sum()) for d in moves.values())

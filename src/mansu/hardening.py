@@ -152,7 +152,8 @@ def harden(model: torch.nn.Module, original: Any, tokenizer, forget: Sequence[It
     if not converged:
         reached = fractions[-1] if config.growths else config.top_fraction
         reason += (f": the guide's top {reached:g} of weights did not reach forget accuracy "
-                   f"{edit.target_forget_acc} in full precision and every format; raise top_fraction")
+                   f"{edit.target_forget_acc} in full precision and {', '.join((edit.format, *edit.exam_formats))}; "
+                   f"raise top_fraction")
     timing["edit"], tick = time.perf_counter() - tick, time.perf_counter()
     certificate = editor.certify()
     timing["check"] = time.perf_counter() - tick
