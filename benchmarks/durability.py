@@ -3,6 +3,9 @@
     python benchmarks/durability.py run --out durability          # the whole suite (resumable), then the report
     python benchmarks/durability.py report --out durability       # regenerate docs/results.md and the plots
     python benchmarks/durability.py run --smoke --out smoke       # one small split, a few minutes (CI runs it)
+    python benchmarks/durability.py run --out v --mansu '{"saturate_on": "quantized"}' --splits same-capitals-10
+                                                                  # a candidate default, on chosen splits
+    python benchmarks/durability.py compare durability v          # MANSU (seed 0) split by split, per folder
 
 Splits are built from the bundled fact sets: same-domain (forget n items of a domain, retain the rest of it)
 and cross-domain (forget n items of one domain, retain 20 items of each of two others), n in 5 / 10 / 20.
@@ -103,7 +106,7 @@ def config_for(job: dict[str, Any], smoke: bool):
 
     if job["method"] != "mansu":
         return mansu.BaselineConfig(method=job["method"], seed=job["seed"], **({"max_steps": 10} if smoke else {}))
-    overrides = dict(ABLATIONS.get(job["ablation"], {}))
+    overrides = dict(job.get("overrides", {})) | ABLATIONS.get(job["ablation"], {})
     if "circuit" in overrides:
         overrides["circuit"] = {**mansu.MansuConfig().circuit.__dict__, **overrides["circuit"]}
     return mansu.MansuConfig(seed=job["seed"], progress=False, **overrides, **({"max_rounds": 3} if smoke else {}))
@@ -157,14 +160,29 @@ def run_job(job: dict[str, Any], out: Path, smoke: bool) -> None:
     mansu.files.write_json(out / "runs" / f"{job_key(job)}.json", record)
 
 
-def run_suite(out: Path, smoke: bool, workers: int = 1) -> None:
-    """Every job not yet done, each in its own process (`workers` at a time, one thread each when more than
-    one, so every run sees the same share of the machine); then the report."""
+def run_suite(out: Path, smoke: bool, workers: int = 1, overrides: dict[str, Any] | None = None,
+              only: list[str] | None = None) -> None:
+    """Every job not yet done (of the splits in `only`, if given), each in its own process (`workers` at a
+    time, one thread each when more than one, so every run sees the same share of the machine); then the
+    report. `overrides` change MANSU's config from the library defaults; each run records them."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from tqdm.auto import tqdm
 
-    todo = [j for j in jobs(suite(smoke), smoke) if not (out / "runs" / f"{job_key(j)}.json").exists()]
+    splits = suite(smoke)
+    unknown = sorted(set(only or ()) - {s.name for s in splits})
+    if unknown:
+        raise SystemExit(f"unknown splits {unknown}; the suite has {[s.name for s in splits]}")
+    planned = [j | ({"overrides": overrides} if overrides and j["method"] == "mansu" else {})
+               for j in jobs([s for s in splits if not only or s.name in only], smoke)]
+    for job in planned:  # resuming must not mix configs: a finished MANSU run must have had the same overrides
+        done = out / "runs" / f"{job_key(job)}.json"
+        if job["method"] == "mansu" and done.exists():
+            had = json.loads(done.read_text())["job"].get("overrides") or {}
+            if had != job.get("overrides", {}):
+                raise SystemExit(f"{done} ran with MANSU overrides {had}, not {job.get('overrides', {})}: "
+                                 f"choose another --out")
+    todo = [j for j in planned if not (out / "runs" / f"{job_key(j)}.json").exists()]
     print(f"{len(todo)} runs to do in {out}/runs", flush=True)
     env = os.environ | ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if workers > 1 else {})
 
@@ -232,6 +250,37 @@ def failures(m: dict[str, Any]) -> list[str]:
     return out
 
 
+def compare(outs: list[Path]) -> str:
+    """A markdown table: per split, each folder's MANSU run (seed 0, no ablation) as converged; forget full /
+    worst format; utility drop NF4; paraphrase full; unlearn s; and the count of issue #10's targets missed
+    (relearning aside: it needs the baselines). Each column is headed by how its runs' configs differ from
+    today's defaults (a field today's config lacks is left out)."""
+    from dataclasses import asdict
+
+    import mansu
+
+    defaults = json.loads(json.dumps(asdict(mansu.MansuConfig())))
+    cells: dict[str, dict[Path, str]] = {}
+    heads = []
+    for out in outs:
+        overrides = set()
+        for path in sorted((out / "runs").glob("*.mansu.seed0.json")):
+            record = mansu.files.read_json(path)
+            changed = {k: v for k, v in record["config"].items()
+                       if k in defaults and k not in ("seed", "progress") and v != defaults[k]}
+            overrides.add(json.dumps(changed, sort_keys=True))
+            m = metrics(record)
+            cells.setdefault(record["job"]["split"], {})[out] = (
+                f"{'yes' if m['converged'] else 'no'} {m['forget_full']:.2f} / {m['forget_worst_format']:.2f} "
+                f"({m['worst_format']}) / {m['utility_drop_nf4']:.3f} / {m['paraphrase_full']:.2f} / "
+                f"{m['unlearn_s']:.0f} s / {len(failures(m))} missed")
+        heads.append(f"{out.name} {' '.join(sorted(overrides))}")
+    lines = ["| split | " + " | ".join(heads) + " |", "|---" * (len(outs) + 1) + "|"]
+    lines += [f"| {split} | " + " | ".join(row.get(out, "-") for out in outs) + " |"
+              for split, row in sorted(cells.items())]
+    return "\n".join(lines)
+
+
 def _mean_spread(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -267,7 +316,9 @@ def report(out: Path, smoke: bool, doc: Path | None = None) -> None:
                                    f"{baseline_recovery[split]:+.2f}")
     mansu.files.write_json(out / "results.json", {"rows": rows})
     planned = len(jobs(suite(smoke), smoke))
-    text = markdown(by_method, mansu_rows, smoke, out, planned, sum(r.get("job_s", 0.0) for r in records))
+    overrides = sorted({json.dumps(r["job"].get("overrides") or {}, sort_keys=True) for r in records
+                        if r["job"]["method"] == "mansu"})
+    text = markdown(by_method, mansu_rows, smoke, out, planned, sum(r.get("job_s", 0.0) for r in records), overrides)
     plots(by_method, records, [out / "durability.png"] + ([doc.parent / "results.png"] if doc else []))
     if doc is not None:
         mansu.files.write_text(doc, text, replace=True)  # the doc is this script's own output
@@ -329,7 +380,7 @@ def summary_table(by_method: dict[str, list[dict]]) -> list[str]:
 
 
 def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], smoke: bool, out: Path, planned: int,
-             seconds: float) -> str:
+             seconds: float, overrides: list[str]) -> str:
     """The tables of docs/results.md: per method mean ± spread; every MANSU failure listed."""
     cols = ["forget_full", "forget_worst_format", "forget_bnb_nf4", "ptq_gap_max", "utility_drop_full",
             "utility_drop_nf4", "utility_drop_bnb_nf4", "paraphrase_full", "paraphrase_nf4", "generation_recall", "relearn_recovery",
@@ -345,7 +396,9 @@ def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], smoke: bo
              "a relearning attack (10 AdamW steps, lr 1e-5, on half of the forget set; `relearn` = accuracy "
              "gained on the other half). Targets (issue #10): " + ", ".join(f"{k} <= {v}" for k, v in TARGETS.items())
              + ", certified (every changed weight flips its NF4 code), relearning recovery below every baseline's.",
-             "",
+             "", "MANSU's config: the library defaults" + "".join(
+                 f", changed by `{o}` ({'some runs' if len(overrides) > 1 else 'every run'})"
+                 for o in overrides if o != "{}") + ".", "",
              f"Runs done: {sum(len(g) for g in by_method.values())} of {planned} planned, "
              f"{seconds / 3600:.1f} h of run time on this machine.", "",
              "## Summary (means; the README's table)", "", *summary_table(by_method), "",
@@ -411,17 +464,23 @@ def plots(by_method: dict[str, list[dict]], records: list[dict], paths: list[Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("run", "report", "job"))
+    parser.add_argument("command", choices=("run", "report", "compare", "job"))
+    parser.add_argument("folders", nargs="*", help="compare: run folders, one column each")
     parser.add_argument("--out", default="durability", help="folder for the runs and results (resumable)")
     parser.add_argument("--smoke", action="store_true", help="one small split and two methods")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time (each one thread when > 1)")
+    parser.add_argument("--mansu", type=json.loads, default=None, metavar="JSON",
+                        help="MansuConfig fields that differ from the defaults, e.g. '{\"backtracks\": 3}'")
+    parser.add_argument("--splits", default=None, help="comma-separated split names (default: the whole suite)")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one run, as JSON
     args = parser.parse_args()
     out = Path(args.out)
     if args.command == "job":
         run_job(json.loads(args.job), out, args.smoke)
+    elif args.command == "compare":
+        print(compare([Path(f) for f in args.folders]))
     elif args.command == "run":
-        run_suite(out, args.smoke, args.workers)
+        run_suite(out, args.smoke, args.workers, args.mansu, args.splits.split(",") if args.splits else None)
     else:
         report(out, args.smoke, None if args.smoke else DOC)
 

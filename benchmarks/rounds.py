@@ -2,10 +2,14 @@
 
     python benchmarks/rounds.py same-capitals-10 '{"retain_sample": 32}'
     python benchmarks/rounds.py cross-capitals-20 '{}' --utility-every 2
+    python benchmarks/rounds.py cross-capitals-20 '{}' --anchor facts.jsonl
 
 The second argument (optional) is JSON of MansuConfig overrides. With `--utility-every K`, every K-th round
 also reads the accuracy of each untouched bundled set (its first 20 items) and of the
-forget set's paraphrases, and the end prints both and the forget set in every quantized format.
+forget set's paraphrases, and the end prints both and the forget set in every quantized format. With
+`--anchor FILE` (a JSONL item set), every round also reads the change of those items' answer NLL and of their
+mean probability of the true choice, in full precision and NF4: whether a set the edit never sees moves with
+the untouched sets.
 """
 from __future__ import annotations
 
@@ -23,10 +27,14 @@ FORMATS = ("nf4", "nf4-dq", "fp4", "int8", "q4_0", "q8_0")
 
 def main() -> None:
     args = sys.argv[1:]
-    every = 0
+    every, anchor_file = 0, None
     if "--utility-every" in args:
         at = args.index("--utility-every")
         every = int(args[at + 1])
+        del args[at : at + 2]
+    if "--anchor" in args:
+        at = args.index("--anchor")
+        anchor_file = args[at + 1]
         del args[at : at + 2]
     if len(args) not in (1, 2):
         raise SystemExit(__doc__)
@@ -46,8 +54,21 @@ def main() -> None:
         return f"utility change {drops}, paraphrase {paraphrase:.2f}"
 
     before = {n: mansu.evaluate(model, tokenizer, items, progress=False).accuracy for n, items in utility.items()}
+    anchor = mansu.load_items(anchor_file) if anchor_file else None
+
+    def anchor_scores() -> dict[str, float]:
+        """The anchor items' answer NLL per token and mean probability of the true choice, full and NF4."""
+        out = {}
+        for label, m in (("full", model), ("nf4", mansu.quantized_copy(model, "nf4"))):
+            r = mansu.evaluate(m, tokenizer, anchor, progress=False)
+            out |= {f"nll_{label}": r.answer_nll, f"true_prob_{label}": r.true_prob}
+        return out
+
+    anchor_before = anchor_scores() if anchor else None
 
     def show(record: dict) -> None:
+        if anchor:
+            record |= {f"anchor_{k}_change": v - anchor_before[k] for k, v in anchor_scores().items()}
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}, flush=True)
         if every and record["round"] % every == 0:
             print(f"  round {record['round']}: {probe()}", flush=True)

@@ -127,6 +127,7 @@ def stage_unlearn(model, tokenizer, forget, retain, meter: Meter, rounds: int) -
     # growth, are timed apart in timing_s).
     seconds = sorted(r["seconds"] for r in result.rounds)
     return {"unlearn": out, "timing_s": result.timing_s, "rounds": n, "edited": result.edited,
+            "stop_reason": result.stop_reason,
             "round_s": seconds[n // 2] if n else None}
 
 

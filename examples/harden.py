@@ -3,10 +3,12 @@
 
     python examples/harden.py                       # the embedded SmolLM2-135M, demo split (minutes on a CPU)
     python examples/harden.py --direction descent   # moves in the forget descent's direction, not the guide's
+    python examples/harden.py --edit '{"saturate_on": "quantized"}'   # edit-loop (MansuConfig) fields to change
     python examples/harden.py --smoke               # a tiny random model (seconds): the plumbing only
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 
@@ -15,6 +17,7 @@ from _common import SMOKE, Measure, Numbers, harden_config, load, report
 import mansu
 
 DIRECTION = sys.argv[sys.argv.index("--direction") + 1] if "--direction" in sys.argv else "guide"
+EDIT = json.loads(sys.argv[sys.argv.index("--edit") + 1]) if "--edit" in sys.argv else {}
 
 
 def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
@@ -25,7 +28,8 @@ def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
     mansu.unlearn(s.model, s.tokenizer, s.forget, s.retain, config)
     graddiff = measure.show("GradDiff")
 
-    config = replace(harden_config(smoke), direction=DIRECTION)  # replace: the config checks the value
+    config = harden_config(smoke)
+    config = replace(config, direction=DIRECTION, edit=replace(config.edit, **EDIT))  # replace: the configs check
     result = mansu.harden(s.model, measure.original, s.tokenizer, s.forget, s.retain, config)
     return result, graddiff, report("GradDiff + harden", result, measure.after())
 

@@ -34,6 +34,19 @@ def test_user_mistakes_exit_nonzero_with_one_line_and_keep_existing_files(tmp_pa
     assert existing.read_text() == "precious"
 
 
+@pytest.mark.parametrize("config,message", [("{bad", "--config is not valid JSON"), ("[1]", "must be a JSON object"),
+                                            ('{"anchor_gaurd": 0.1}', "unknown MansuConfig field(s) ['anchor_gaurd']"),
+                                            ('{"anchor_guard": 2}', "anchor_guard must be in")])
+def test_run_config_mistakes_fail_before_any_model_is_loaded(tmp_path, capsys, monkeypatch, config, message):
+    import mansu
+
+    monkeypatch.setattr(mansu, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "r.json"
+    code = main(["run", "--forget", "elements", "--retain", "languages", "--out", str(out), "--config", config])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1 and not out.exists()
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "report.json"
     files.write_json(path, {"a": 1})

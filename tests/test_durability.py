@@ -41,6 +41,16 @@ def test_failures_name_every_missed_target():
         assert part in text
 
 
+def test_resuming_with_other_overrides_is_refused_before_any_run(tmp_path):
+    job = {"split": "same-capitals-10", "method": "mansu", "seed": 0, "ablation": None, "overrides": {"backtracks": 3}}
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / f"{durability.job_key(job)}.json").write_text(json.dumps({"job": job}))
+    with pytest.raises(SystemExit, match="ran with MANSU overrides {'backtracks': 3}, not {'backtracks': 1}"):
+        durability.run_suite(tmp_path, False, overrides={"backtracks": 1}, only=["same-capitals-10"])
+    with pytest.raises(SystemExit, match="unknown splits"):
+        durability.run_suite(tmp_path, False, only=["no-such-split"])
+
+
 @pytest.mark.slow
 def test_smoke_run_writes_runs_results_and_resumes(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
@@ -54,6 +64,8 @@ def test_smoke_run_writes_runs_results_and_resumes(tmp_path):
     assert mansu_row["certified"] and 0 <= mansu_row["forget_bnb_nf4"] <= 1
     assert isinstance(mansu_row["failures"], list) and mansu_row["relearn_recovery"] is not None
     assert (tmp_path / "durability.png").read_bytes()[:4] == b"\x89PNG"
+    table = durability.compare([tmp_path]).splitlines()  # headed by how the config differs from the defaults
+    assert '{"max_rounds": 3}' in table[0] and table[2].startswith("| smoke-capitals-5 | ") and "missed" in table[2]
     # both runs shared one measurement of the unedited model
     assert [p.name for p in (tmp_path / "before").glob("*.json")] == ["smoke-capitals-5.json"]
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -85,6 +85,49 @@ def test_the_retain_guard_undoes_a_harmful_round_and_halves_the_next(tokenizer, 
         assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
 
 
+def test_the_anchor_guard_undoes_a_round_that_hurts_what_neither_set_names(tokenizer, capitals, tmp_path):
+    """Retain's guard is off; the anchor facts' answers start with the forget answers (Paris!, among Rome!, ...),
+    so forgetting hurts them: the first round is undone, and every round's record says how far the anchor fell."""
+    forget = capitals[:4]
+    anchor = tmp_path / "anchor.jsonl"
+    mansu.data.write_jsonl(anchor, [Item(f"Shout it: {it.prompt}", it.answer + "!", [c + "!" for c in it.choices])
+                                    for it in forget])
+    config = dict(progress=False, objective="ga", retain_guard=None, max_rounds=2, grow_mass=0.0,
+                  edits_per_round=400, target_forget_acc=0.0, circuit=mansu.CircuitConfig(top_k=4, mass=None,
+                                                                                          progress=False))
+    for limit in (None, 1e-6):
+        model = make_tiny("llama", tokenizer)
+        result = mansu.unlearn(model, tokenizer, forget, capitals[10:16],
+                               mansu.MansuConfig(anchor_guard=limit, anchor=str(anchor), **config))
+        if limit is None:
+            first = result.rounds[0]
+            assert "anchor_drop_full" not in first and not first.get("undone") and result.edited > 0
+            continue
+        assert result.rounds[0]["undone"]
+        for r in result.rounds:  # undone exactly when the anchor fell past the limit (retain's guard is off)
+            assert r.get("undone", False) == (max(r["anchor_drop_full"], r["anchor_drop_nf4"]) > limit)
+    mansu.data.write_jsonl(tmp_path / "bare.jsonl", [Item("The sky is", "blue")])
+    with pytest.raises(mansu.MansuError, match="every anchor item needs choices"):
+        mansu.unlearn(make_tiny("llama", tokenizer), tokenizer, forget, capitals[10:16],
+                      mansu.MansuConfig(anchor_guard=0.1, anchor=str(tmp_path / "bare.jsonl"), **config))
+
+
+def test_anchor_sets_leave_out_the_forget_facts_and_bad_values_are_refused(capitals, tmp_path):
+    general = mansu.data.load_anchor("general")
+    assert len(general) >= 40 and not {it.prompt for it in general} & {it.prompt for b in mansu.bundled_sets()
+                                                                         for it in mansu.load_bundled(b)}
+    left = mansu.data.load_anchor("general", exclude=[Item("Who wrote Hamlet? It was", "Shakespeare"), general[0]])
+    assert len(left) == len(general) - 2 and all(it.answer != "Shakespeare" for it in left)
+    with pytest.raises(mansu.MansuError, match="no anchor set 'nope'"):
+        mansu.MansuConfig(anchor_guard=0.5, anchor="nope")
+    for bad in (0.0, 1.0):
+        with pytest.raises(mansu.MansuError, match="anchor_guard must be in"):
+            mansu.MansuConfig(anchor_guard=bad)
+    mansu.data.write_jsonl(tmp_path / "one.jsonl", capitals[:1])
+    with pytest.raises(mansu.MansuError, match="shares a prompt or an answer"):
+        mansu.data.load_anchor(str(tmp_path / "one.jsonl"), exclude=capitals[:1])
+
+
 def test_items_without_choices_are_forgotten_by_greedy_recall(tokenizer, capitals):
     model = make_tiny("llama", tokenizer)
     forget = [Item(it.prompt, it.answer) for it in capitals[:3]]  # no choices: the stop rule uses recall

@@ -6,7 +6,7 @@ import torch
 
 from mansu import quant
 from mansu.errors import MansuError
-from mansu.floor import apply_floor_, floor_update
+from mansu.floor import apply_floor_, floor_targets, floor_update
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -48,6 +48,23 @@ def test_floored_edits_flip_every_kept_weight_and_nothing_else(dtype, fmt, mode,
     ca, aa = bnb_codes(out, qt)
     assert torch.equal(ab, aa)  # block scales (and so absmax elements) untouched
     assert torch.equal(cb != ca, kept.reshape(-1))  # bitsandbytes agrees: flipped iff kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("mode", ["snap", "margin"])
+@pytest.mark.parametrize("shape", [(48, 96), (7, 45)])  # whole blocks; and a padded last block (315 = 4 x 64 + 59)
+def test_floor_targets_are_floor_update_of_a_nudge_computed_on_the_mask_alone(dtype, fmt, mode, shape):
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(shape, generator=gen) * 0.05).to(dtype)
+    mask = torch.rand(shape, generator=gen) < 0.3
+    mask.view(-1)[-1] = True  # the padded block's weights too
+    for sign in (1, -1):
+        nudged = torch.where(mask, torch.nextafter(w, torch.full_like(w, sign * torch.inf)), w)
+        expected = floor_update(w, nudged, fmt, mode=mode)[mask]
+        got = floor_targets(w, mask, sign, fmt, mode=mode)
+        assert got.dtype == dtype and torch.equal(got, expected)
+        assert (got != w[mask]).float().mean() > 0.8  # most selected weights move (absmax and edge ones stay)
 
 
 def test_moves_go_in_the_update_direction_and_snap_lands_on_levels():

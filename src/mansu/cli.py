@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from typing import Sequence
@@ -55,6 +56,7 @@ def _export_lmeval(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     import mansu
+    from mansu.config import from_dict
     from mansu.report import run
 
     forget, retain = mansu.load_items(args.forget), mansu.load_items(args.retain)
@@ -63,16 +65,30 @@ def _run(args: argparse.Namespace) -> None:
     mansu.files.claim(args.out)  # every output path is checked before the long work, not after it
     if args.save:
         mansu.models.claim_model_dir(args.save)
+    fields = _config_fields(args.config)
     if args.method == "mansu":
-        config = mansu.MansuConfig(seed=args.seed)
+        config = from_dict(mansu.MansuConfig, {"seed": args.seed, **fields})
     else:
-        config = mansu.BaselineConfig(method=args.method, seed=args.seed)
+        config = from_dict(mansu.BaselineConfig, {"method": args.method, "seed": args.seed, **fields})
     model, tokenizer = mansu.load_model(args.model)
     report = run(model, tokenizer, forget, retain, config, args.model, args.formats.split(","), save=args.save,
                  utility=utility, relearn=args.relearn)
     report.save_json(args.out)
     print(report)
     print(f"wrote {args.out}" + (f" and the model to {args.save}" if args.save else ""))
+
+
+def _config_fields(text: str | None) -> dict:
+    """`--config`: a JSON object of config fields, checked before any model is loaded."""
+    if text is None:
+        return {}
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MansuError(f"--config is not valid JSON ({err.msg} at character {err.pos}): {text!r}") from None
+    if not isinstance(fields, dict):
+        raise MansuError(f"--config must be a JSON object of config fields, got {text!r}")
+    return fields
 
 
 def _harden(args: argparse.Namespace) -> None:
@@ -148,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save", help="also save the edited model here (a normal Hugging Face directory)")
     run.add_argument("--utility", help="JSONL items the edit never sees, scored before and after (default: the "
                                        "bundled sets sharing no prompt with forget and retain)")
+    run.add_argument("--config", help="JSON object of config fields that differ from the method's defaults, e.g. "
+                                      "'{\"anchor_guard\": 0.02}' (MansuConfig or BaselineConfig; see docs/api.md)")
     run.add_argument("--relearn", action="store_true",
                      help="also attack the edit: fine-tune on half the forget set, score the other half")
     run.set_defaults(func=_run)

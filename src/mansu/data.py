@@ -187,6 +187,26 @@ def load_bundled(name: str) -> list[Item]:
         return read_jsonl(path)
 
 
+def load_anchor(source: str, exclude: Sequence[Item] = ()) -> list[Item]:
+    """The items an anchor guard watches: a bundled anchor set by name ("general": general-knowledge facts the
+    embedded model knows, in no bundled fact set) or a JSONL path; less every item that shares a prompt or an
+    answer with `exclude` (the forget set: the guard must not protect what the edit removes)."""
+    bundled = resources.files(_BUNDLE) / "anchors" / f"{source}.jsonl"
+    if bundled.is_file():
+        with resources.as_file(bundled) as path:
+            items = read_jsonl(path)
+    elif Path(source).is_file():
+        items = read_jsonl(source)
+    else:
+        raise MansuError(f"no anchor set {source!r}: name a bundled one ('general') or a JSONL file")
+    prompts = {it.prompt.strip() for it in exclude}
+    answers = {it.answer.strip().lower() for it in exclude}
+    kept = [it for it in items if it.prompt.strip() not in prompts and it.answer.strip().lower() not in answers]
+    if not kept:
+        raise MansuError(f"every item of the anchor set {source!r} shares a prompt or an answer with the forget set")
+    return kept
+
+
 def split(items: Sequence[Item], n_first: int, seed: int = 0) -> tuple[list[Item], list[Item]]:
     """A seeded random split into `n_first` items and the rest (e.g. forget and retain)."""
     if not 0 < n_first < len(items):

@@ -9,9 +9,10 @@ Each round:
 3. score = (forget benefit - retain_weight * retain harm) / (Fisher cost + smoothing): first-order forget
    benefit, minus first-order retain *harm* (a move that would also lower the retain NLL earns nothing for it:
    retain gains are never bought), per unit of the second-order retain cost; the best are taken;
-4. a retain guard: if the round raised the retain NLL (full precision or quantized) past `retain_guard`
-   over the original, its weaker half of moves is given back (up to `backtracks` times), then all of it, and
-   later rounds take half as many moves; weights given back are never tried again;
+4. guards: if the round raised the retain NLL (full precision or quantized) past `retain_guard` over the
+   original, or (with `anchor_guard`) lowered the true choice's probability on anchor facts neither set names
+   by more than that, its weaker half of moves is given back (up to `backtracks` times), then all of it,
+   and later rounds take half as many moves; weights given back are never tried again;
 5. the forget set is scored in full precision and on the quantized twin; once both are forgotten (with
    `stop_on_gap`, the twin also knowing no more than full precision), the same is checked on a copy in every
    `exam_formats` format; all pass: done.
@@ -28,15 +29,16 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Batch, Item, encode_items
-from .evaluation import answer_logprob
+from .data import Batch, Item, encode_items, load_anchor
+from .errors import MansuError
+from .evaluation import answer_logprob, evaluate
 from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
-from .floor import floor_update
+from .floor import floor_targets
 from .methods import RoundCallback, check_finite, forget_loss, retain_loss
 from .probes import Knowledge, knowledge
 from .projection import Projector
-from .quant import (Certificate, bin_geometry, block_scales, check, codes_at_scale, encode, get_format, keeps_tail,
-                    quantized_copy, quantized_layout, to_blocks)
+from .quant import (Certificate, bin_geometry, block_absmax, block_scales, check, codes_at_scale, get_format,
+                    keeps_tail, quantized_copy, quantized_layout, to_blocks)
 
 Flat = dict[str, torch.Tensor]  # per circuit tensor, a vector over its mask's entries
 
@@ -86,7 +88,8 @@ class Editor:
                 original, moved = original[m], self.dense(name, self.moved[name])[m]
             self.mask[name], self.original[name], self.moved[name] = m, original, moved
             if name not in self.scales:  # the twin's block scales, from the original weights
-                self.scales[name] = block_scales(self.fmt, encode(quantized_layout(w, self.layout[name]), self.fmt))
+                absmax = block_absmax(quantized_layout(w, self.layout[name]), self.fmt)
+                self.scales[name] = block_scales(self.fmt, absmax)
             # No block's absmax ever moves, so where an unmoved weight lands on a move up or down is fixed:
             # computed once, in the parameter's dtype. A move writes that value itself (w + delta rounds in bf16).
             self.up[name], self.down[name] = self.target(name, +1), self.target(name, -1)
@@ -103,9 +106,10 @@ class Editor:
         value where it cannot move (a block's absmax, the outermost level)."""
         w, m, t = self.params[name].detach(), self.mask[name], self.layout[name]
         wq = quantized_layout(w, t)
-        if self.config.floor:
-            nudged = torch.where(quantized_layout(m, t), torch.nextafter(wq, torch.full_like(wq, sign * math.inf)), wq)
-            moved = floor_update(wq, nudged, self.fmt, mode=self.config.floor_mode)
+        if self.config.floor:  # computed on the masked weights alone; a dense copy only to return them in mask order
+            moved = wq.clone()
+            moved[quantized_layout(m, t)] = floor_targets(wq, quantized_layout(m, t), sign, self.fmt,
+                                                          mode=self.config.floor_mode)
         else:  # as the floor does, a block's absmax never moves: its scale, and so every other code, stays
             geometry = bin_geometry(wq, self.fmt)
             blocks = to_blocks(wq, self.fmt)[0].abs()
@@ -285,7 +289,8 @@ class Editor:
         guard_batch = encode_items(tokenizer, guard_items)
         with torch.no_grad():
             ref = answer_logprob(self.model, forget_batch) if cfg.objective == "npo" else None
-            guard_ref = self.retain_nll(guard_batch)
+            guard_ref = self.nll(guard_batch)
+        anchor = Anchor(self, tokenizer, load_anchor(cfg.anchor, forget)) if cfg.anchor_guard is not None else None
         rounds: list[dict[str, Any]] = []
         best, since_best = math.inf, 0
         bar = tqdm(range(1, cfg.max_rounds + 1), desc="mansu", leave=False, disable=not cfg.progress)
@@ -298,7 +303,7 @@ class Editor:
                                       "moves": _count(moves)}
             if moves:
                 self.apply(moves)
-                breached = self.guarded(guard_batch, guard_ref, record)
+                breached = self.guarded(guard_batch, guard_ref, anchor, record)
                 # Past the guard: give back the weaker half of the round's moves, up to `backtracks` times; then all
                 # of it, and later rounds take half as many moves. Given-back weights are never tried again.
                 for _ in range(cfg.backtracks):
@@ -309,7 +314,7 @@ class Editor:
                     moves = {n: d - weaker[n] for n, d in moves.items()}
                     record["moves"] = _count(moves)
                     record["backtracked"] = record.get("backtracked", 0) + 1
-                    breached = self.guarded(guard_batch, guard_ref, record)
+                    breached = self.guarded(guard_batch, guard_ref, anchor, record)
                 if breached:
                     self.undo(moves)
                     self.edits_per_round = max(1, self.edits_per_round // 2)
@@ -340,15 +345,22 @@ class Editor:
                 record["grown_to"] = self.circuit_params()
         return rounds, False, "max_rounds"
 
-    def guarded(self, batch: Batch, reference: tuple[float, float], record: dict[str, Any]) -> bool:
-        """Read the retain NLL's rise over the original (recorded); True when it is past the guard."""
-        harm = [after - before for after, before in zip(self.retain_nll(batch), reference)]
+    def guarded(self, batch: Batch, reference: tuple[float, float], anchor: "Anchor | None",
+                record: dict[str, Any]) -> bool:
+        """Read the retain NLL's rise over the original, and the anchor's drop (all recorded); True when either
+        is past its guard."""
+        harm = [after - before for after, before in zip(self.nll(batch), reference)]
         record |= {"retain_nll_increase_full": harm[0], f"retain_nll_increase_{self.config.format}": harm[1]}
-        return self.config.retain_guard is not None and max(harm) > self.config.retain_guard
+        breached = self.config.retain_guard is not None and max(harm) > self.config.retain_guard
+        if anchor is not None:
+            drop = anchor.drop()
+            record |= {"anchor_drop_full": drop[0], f"anchor_drop_{self.config.format}": drop[1]}
+            breached |= max(drop) > self.config.anchor_guard
+        return breached
 
     @torch.no_grad()
-    def retain_nll(self, batch: Batch) -> tuple[float, float]:
-        """Mean answer NLL of `batch` in full precision and on the twin (the guard's two readings)."""
+    def nll(self, batch: Batch) -> tuple[float, float]:
+        """Mean answer NLL of `batch` in full precision and on the twin (a guard's two readings)."""
         return tuple(-answer_logprob(m, batch).mean().item() for m in (self.model, self.quantized))
 
     def forgotten(self, full: Knowledge, score: float) -> bool:
@@ -383,6 +395,28 @@ class Editor:
             before[n][m] = self.original[n]
         edited = {n: self.params[n].detach() for n in self.mask}
         return check(before, edited, self.config.format, {n: self.layout[n] for n in self.mask})
+
+
+class Anchor:
+    """Facts neither set names, watched as a multiple-choice test: how far the mean probability of the true
+    choice (over the item's choices) fell from the unedited model's, in full precision and on the twin. The
+    answers' own NLL is no measure here: a harmless edit can lower the model's confidence in every answer
+    alike (cross-animal_young-10: +0.59 nats with no untouched set losing an item, docs/method.md)."""
+
+    def __init__(self, editor: Editor, tokenizer, items: Sequence[Item]):
+        if any(it.choices is None for it in items):
+            raise MansuError("every anchor item needs choices: the anchor guard reads the true choice's probability")
+        self.editor, self.tokenizer, self.items = editor, tokenizer, items
+        self.before = self.read()
+
+    def read(self) -> tuple[float, float]:
+        """Mean probability of the true choice in full precision and on the twin."""
+        return tuple(evaluate(m, self.tokenizer, self.items, progress=False).true_prob
+                     for m in (self.editor.model, self.editor.quantized))
+
+    def drop(self) -> tuple[float, float]:
+        """How far each reading fell since the edit began (negative: it rose)."""
+        return tuple(before - after for before, after in zip(self.before, self.read()))
 
 
 def _count(moves: Flat) -> int:

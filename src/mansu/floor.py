@@ -6,6 +6,7 @@ scale and every unchanged weight keeps its code: zero collateral flips, by const
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -83,16 +84,47 @@ def floor_update(
     tail = tail and bool(touched[-1])
     b, a = full[idx], after[idx]
     absmax = b.abs().amax(1, keepdim=True)
+    full[idx] = _settle(fmt, b, a, absmax, tail, margin, mode, original.dtype)
+    return full.reshape(-1)[: original.numel()].reshape(original.shape).to(original.dtype)
+
+
+def _settle(fmt: Format, b: Tensor, a: Tensor, absmax: Tensor, tail: bool, margin: float, mode: str,
+            dtype: torch.dtype) -> Tensor:
+    """Blocks `b` -> `a` (fp32) floored, as fp32 holding values exact in `dtype`: each moved weight in its target
+    bin, every other weight as in `b`."""
     move, target, goal, middle = _plan_moves(fmt, b, a, absmax, tail, margin, mode)
-    new, inward = goal.to(original.dtype), middle.to(original.dtype)
+    new, inward = goal.to(dtype), middle.to(dtype)
     for _ in range(_NUDGES):  # the model's dtype may round a value over an edge or onto the absmax
         bad = move & ((codes_at_scale(fmt, new.float(), absmax[:, 0], tail) != target) | (new.float().abs() >= absmax))
         if not bad.any():
             break
         new = torch.where(bad, torch.nextafter(new, inward), new)
     move &= ~bad  # never expected: a value that still misses its bin is dropped rather than mis-certified
-    full[idx] = torch.where(move, new.float(), b)
-    return full.reshape(-1)[: original.numel()].reshape(original.shape).to(original.dtype)
+    return torch.where(move, new.float(), b)
+
+
+def floor_targets(w: Tensor, mask: Tensor, sign: int, fmt: str | Format = "nf4", margin: float = 0.1,
+                  mode: str = "snap") -> Tensor:
+    """Where each weight `mask` selects lands when floored one bin up (`sign` +1) or down (-1), as a flat vector
+    in `w`'s dtype, in mask order; both in the quantizer's layout. A weight that cannot move (a block's absmax,
+    the outermost level) keeps its value. The same values as `floor_update` gives a nudge of the selected
+    weights, computed on the selected weights alone, so the cost follows the mask, not the tensor."""
+    fmt = get_format(fmt)
+    blocks, tail = to_blocks(w, fmt)
+    absmax = torch.maximum(blocks.amax(1), -blocks.amin(1))
+    index = mask.reshape(-1).nonzero()[:, 0]
+    row = index // fmt.blocksize
+    out = torch.empty(len(index), dtype=torch.float32, device=w.device)
+    # A padded last block is scaled by division, not by the reciprocal (as bitsandbytes does): it goes on its own.
+    last = (row == len(blocks) - 1) if tail else torch.zeros_like(row, dtype=torch.bool)
+    for part, is_tail in ((~last, False), (last, True)):
+        if not part.any():
+            continue
+        b = blocks.reshape(-1)[index[part]]
+        b, peak = (b[None], absmax[row[part][:1]][:, None]) if is_tail else (b[:, None], absmax[row[part]][:, None])
+        a = torch.nextafter(b, torch.full_like(b, sign * math.inf))
+        out[part] = _settle(fmt, b, a, peak, is_tail, margin, mode, w.dtype).reshape(-1)
+    return out.to(w.dtype)
 
 
 @dataclass(repr=False)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from .attribution import Circuit, CircuitConfig, attribute_circuit
-from .data import Item, check_disjoint
+from .data import Item, check_disjoint, load_anchor
 from .config import check_types, from_dict
 from .editor import Editor
 from .errors import MansuError
@@ -42,6 +42,10 @@ class MansuConfig:
     fisher_budget: float | None = None  # cap on 0.5 sum F delta^2 over all edits (nats/item); None: no cap
     retain_weight: float = 1.0  # weight of a move's first-order retain harm in its score
     retain_guard: float | None = 0.25  # undo a round raising the retain NLL (nats/item) by more; None: no guard
+    anchor_guard: float | None = None  # also undo a round lowering the `anchor` facts' mean probability of the
+    # true choice by more: they guard what neither set names (retain can stay perfect while untouched knowledge
+    # falls); None: off
+    anchor: str = "general"  # the anchor items: a bundled anchor set (mansu.data.load_anchor) or a JSONL path
     backtracks: int = 0  # a round past the guard gives back its weaker half up to this many times, then all of it
     stop_on_gap: bool = False  # converged also needs every quantized reading to know no more than full precision
     # (PTQ gap <= 0); False: each at most target_forget_acc (the strict rule stalls once full precision overshoots)
@@ -91,6 +95,10 @@ class MansuConfig:
             raise MansuError("retain_weight, cost_smoothing, grow_mass and max_growths must be >= 0, npo_beta > 0")
         if self.retain_guard is not None and self.retain_guard <= 0:
             raise MansuError(f"retain_guard must be > 0 (or None), got {self.retain_guard}")
+        if self.anchor_guard is not None:
+            if not 0 < self.anchor_guard < 1:
+                raise MansuError(f"anchor_guard must be in (0, 1) (or None), got {self.anchor_guard}")
+            load_anchor(self.anchor)  # an unknown set fails here, not after attribution
         if self.backtracks < 0:
             raise MansuError(f"backtracks must be >= 0, got {self.backtracks}")
         self.exam_formats = tuple(self.exam_formats)

@@ -117,6 +117,8 @@ class RunReport(Result):
     utility_sets: list[str] = field(default_factory=list)  # bundled sets it was drawn from, if by default
     relearn: dict[str, Any] | None = None  # the relearning attack after the edit (mansu.probes.RelearnResult)
     cad_nf4: float | None = None  # CAD of the edited model's NF4 copy against the original circuit
+    stop_reason: str = ""  # why the method stopped (UnlearnResult.stop_reason): "converged", or why not
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # every round's record (UnlearnResult.rounds)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "RunReport":
@@ -125,7 +127,8 @@ class RunReport(Result):
 
     def summary(self) -> dict[str, Any]:
         fmt = "nf4"  # every run scores it (see `run`)
-        out = {"method": self.method, "converged": self.converged, "forget_full": self.after["full"]["forget_acc"],
+        out = {"method": self.method, "converged": self.converged, "stop_reason": self.stop_reason,
+               "forget_full": self.after["full"]["forget_acc"],
                "utility_full": self.after["full"].get("utility_acc"), "retain_full": self.after["full"]["retain_acc"]}
         if fmt in self.after:
             out |= {f"forget_{fmt}": self.after[fmt]["forget_acc"], f"utility_{fmt}": self.after[fmt].get("utility_acc"),
@@ -261,4 +264,5 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
         edited_fraction=nf4.changed / sum(p.numel() for p in model.parameters()),
         config=result.config, update_ratio_sample=nf4.ratio_sample.tolist(), converged=result.converged,
         n_utility=len(utility), utility_sets=utility_sets, relearn=attack.to_dict() if attack else None,
+        stop_reason=result.stop_reason, rounds=result.rounds,
     )

@@ -9,8 +9,8 @@ Modules: `formats` (tables, encoders, decoders), `geometry` (bins and their boun
 weights are quantized, and reading models), `certificate` (`check`), `ptq` (quantized copies).
 """
 from .certificate import Certificate, FormatCheck, check
-from .formats import (FORMATS, FP4_CODE_TABLE, NF4_LEVELS, Encoded, Format, block_scales, codes_at_scale, decode,
-                      encode, fake_quantize, get_format, keeps_tail, parse_formats, to_blocks)
+from .formats import (FORMATS, FP4_CODE_TABLE, NF4_LEVELS, Encoded, Format, block_absmax, block_scales, codes_at_scale,
+                      decode, encode, fake_quantize, get_format, keeps_tail, parse_formats, to_blocks)
 from .geometry import BinGeometry, bin_geometry
 from .layout import quantized_layout, quantized_weights
 from .ptq import evaluate_formats, quantized_copy
@@ -18,7 +18,7 @@ from .ptq import evaluate_formats, quantized_copy
 __all__ = [
     # formats
     "FORMATS", "NF4_LEVELS", "FP4_CODE_TABLE", "Format", "Encoded", "get_format", "parse_formats", "to_blocks",
-    "encode", "decode", "fake_quantize", "codes_at_scale", "block_scales", "keeps_tail",
+    "encode", "decode", "fake_quantize", "codes_at_scale", "block_absmax", "block_scales", "keeps_tail",
     # geometry and layout
     "BinGeometry", "bin_geometry", "quantized_weights", "quantized_layout",
     # the certificate and PTQ copies

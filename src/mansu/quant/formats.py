@@ -110,14 +110,19 @@ def codes_at_scale(fmt: Format, blocks: Tensor, absmax: Tensor, tail: bool = Fal
     return _bins(blocks, absmax, tail, fmt.midpoints(blocks.device))
 
 
-def block_scales(fmt: Format, enc: Encoded) -> Tensor:
-    """The per-block multipliers decoding uses: the scales, double-quantized where the format is (over the
-    whole tensor's scales: re-encoding a part of it would change their mean and groups of 256)."""
-    return _double_quant(enc.scale) if fmt.double_quant else enc.scale
+def block_scales(fmt: Format, absmax: Tensor) -> Tensor:
+    """The per-block multipliers decoding uses, from every block's absmax: double-quantized where the format is
+    (over the whole tensor's scales: re-encoding a part of it would change their mean and groups of 256)."""
+    return _double_quant(absmax) if fmt.double_quant else absmax
+
+
+def block_absmax(w: Tensor, fmt: Format) -> Tensor:
+    """Every block's absmax of a weight in the quantizer's layout, fp32: its scales, without encoding it."""
+    return _absmax(to_blocks(w, fmt)[0])
 
 
 def _decode_4bit(fmt: Format, enc: Encoded) -> Tensor:
-    return fmt.levels_tensor(enc.codes.device)[enc.codes] * block_scales(fmt, enc)[:, None]
+    return fmt.levels_tensor(enc.codes.device)[enc.codes] * block_scales(fmt, enc.scale)[:, None]
 
 
 def _double_quant(absmax: Tensor) -> Tensor:
