@@ -59,10 +59,9 @@ def test_floor_targets_are_floor_update_of_a_nudge_computed_on_the_mask_alone(dt
     w = (torch.randn(shape, generator=gen) * 0.05).to(dtype)
     mask = torch.rand(shape, generator=gen) < 0.3
     mask.view(-1)[-1] = True  # the padded block's weights too
-    for sign in (1, -1):
+    for sign, got in zip((1, -1), floor_targets(w, mask, fmt, mode=mode)):
         nudged = torch.where(mask, torch.nextafter(w, torch.full_like(w, sign * torch.inf)), w)
         expected = floor_update(w, nudged, fmt, mode=mode)[mask]
-        got = floor_targets(w, mask, sign, fmt, mode=mode)
         assert got.dtype == dtype and torch.equal(got, expected)
         assert (got != w[mask]).float().mean() > 0.8  # most selected weights move (absmax and edge ones stay)
 

@@ -92,7 +92,7 @@ class Editor:
                 self.scales[name] = block_scales(self.fmt, absmax)
             # No block's absmax ever moves, so where an unmoved weight lands on a move up or down is fixed:
             # computed once, in the parameter's dtype. A move writes that value itself (w + delta rounds in bf16).
-            self.up[name], self.down[name] = self.target(name, +1), self.target(name, -1)
+            self.up[name], self.down[name] = self.targets(name)
         self.fisher, self.projector = fisher, projector
 
     def set_guide(self, guide: dict[str, torch.Tensor]) -> None:
@@ -100,23 +100,24 @@ class Editor:
         self.guide = {n: (g[self.mask[n].to(g.device)] if g.shape == self.mask[n].shape else g)
                       .float().to(self.mask[n].device) for n, g in guide.items()}
 
-    def target(self, name: str, sign: int) -> torch.Tensor:
-        """Where every masked weight of `name` goes on a move up (+1) or down (-1): the neighbouring level
+    def targets(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where every masked weight of `name` goes on a move up, and on a move down: the neighbouring level
         (floored), or without the floor (an ablation) half way to the bin's edge, never crossing it; its own
         value where it cannot move (a block's absmax, the outermost level)."""
         w, m, t = self.params[name].detach(), self.mask[name], self.layout[name]
-        wq = quantized_layout(w, t)
-        if self.config.floor:  # computed on the masked weights alone; a dense copy only to return them in mask order
-            moved = wq.clone()
-            moved[quantized_layout(m, t)] = floor_targets(wq, quantized_layout(m, t), sign, self.fmt,
-                                                          mode=self.config.floor_mode)
-        else:  # as the floor does, a block's absmax never moves: its scale, and so every other code, stays
-            geometry = bin_geometry(wq, self.fmt)
-            blocks = to_blocks(wq, self.fmt)[0].abs()
-            peak = (blocks == blocks.amax(1, keepdim=True)).reshape(-1)[: wq.numel()].reshape(wq.shape)
-            half = wq.float() + sign * 0.5 * (geometry.up if sign > 0 else geometry.down)
-            moved = torch.where(peak, wq, half.to(w.dtype))
-        return quantized_layout(moved, t)[m]
+        wq, mq = quantized_layout(w, t), quantized_layout(m, t)
+        if self.config.floor:  # computed on the masked weights alone, in mask order of the quantizer's layout
+            dense, out = wq.clone(), []  # a dense copy only to put them in the parameter's mask order
+            for values in floor_targets(wq, mq, self.fmt, mode=self.config.floor_mode):
+                dense[mq] = values
+                out.append(quantized_layout(dense, t)[m])
+            return out[0], out[1]
+        # As the floor does, a block's absmax never moves: its scale, and so every other code, stays.
+        geometry = bin_geometry(wq, self.fmt)
+        blocks = to_blocks(wq, self.fmt)[0].abs()
+        peak = (blocks == blocks.amax(1, keepdim=True)).reshape(-1)[: wq.numel()].reshape(wq.shape)
+        return tuple(quantized_layout(torch.where(peak, wq, (wq.float() + half).to(w.dtype)), t)[m]
+                     for half in (0.5 * geometry.up, -0.5 * geometry.down))
 
     def dense(self, name: str, flat: torch.Tensor) -> torch.Tensor:
         """A flat vector over `name`'s mask as a full-shape tensor (zero elsewhere)."""

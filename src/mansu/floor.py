@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import MansuError
-from .quant import Format, codes_at_scale, get_format, quantized_layout, quantized_weights, to_blocks
+from .quant import Format, block_absmax, codes_at_scale, get_format, quantized_layout, quantized_weights, to_blocks
 from .results import Result
 
 _NUDGES = 16  # casting to bf16 moves a value by at most half an ulp; a few ulps back inward always suffice
@@ -103,28 +103,29 @@ def _settle(fmt: Format, b: Tensor, a: Tensor, absmax: Tensor, tail: bool, margi
     return torch.where(move, new.float(), b)
 
 
-def floor_targets(w: Tensor, mask: Tensor, sign: int, fmt: str | Format = "nf4", margin: float = 0.1,
-                  mode: str = "snap") -> Tensor:
-    """Where each weight `mask` selects lands when floored one bin up (`sign` +1) or down (-1), as a flat vector
-    in `w`'s dtype, in mask order; both in the quantizer's layout. A weight that cannot move (a block's absmax,
+def floor_targets(w: Tensor, mask: Tensor, fmt: str | Format = "nf4", margin: float = 0.1, mode: str = "snap"
+                  ) -> tuple[Tensor, Tensor]:
+    """Where each weight `mask` selects lands when floored one bin up, and one bin down: two flat vectors in
+    `w`'s dtype, in mask order; both in the quantizer's layout. A weight that cannot move (a block's absmax,
     the outermost level) keeps its value. The same values as `floor_update` gives a nudge of the selected
     weights, computed on the selected weights alone, so the cost follows the mask, not the tensor."""
     fmt = get_format(fmt)
-    blocks, tail = to_blocks(w, fmt)
-    absmax = torch.maximum(blocks.amax(1), -blocks.amin(1))
+    absmax = block_absmax(w, fmt)
     index = mask.reshape(-1).nonzero()[:, 0]
-    row = index // fmt.blocksize
-    out = torch.empty(len(index), dtype=torch.float32, device=w.device)
+    row, values = index // fmt.blocksize, w.reshape(-1)[index].float()
     # A padded last block is scaled by division, not by the reciprocal (as bitsandbytes does): it goes on its own.
-    last = (row == len(blocks) - 1) if tail else torch.zeros_like(row, dtype=torch.bool)
-    for part, is_tail in ((~last, False), (last, True)):
-        if not part.any():
-            continue
-        b = blocks.reshape(-1)[index[part]]
-        b, peak = (b[None], absmax[row[part][:1]][:, None]) if is_tail else (b[:, None], absmax[row[part]][:, None])
-        a = torch.nextafter(b, torch.full_like(b, sign * math.inf))
-        out[part] = _settle(fmt, b, a, peak, is_tail, margin, mode, w.dtype).reshape(-1)
-    return out.to(w.dtype)
+    last = row == len(absmax) - 1 if w.numel() % fmt.blocksize else torch.zeros_like(row, dtype=torch.bool)
+    parts = [(p, tail) for p, tail in ((~last, False), (last, True)) if p.any()]
+    out = []
+    for sign in (1, -1):
+        moved = torch.empty_like(values)
+        for part, tail in parts:
+            b = values[part][None] if tail else values[part][:, None]
+            peak = absmax[row[part][:1] if tail else row[part]][:, None]
+            a = torch.nextafter(b, torch.full_like(b, sign * math.inf))
+            moved[part] = _settle(fmt, b, a, peak, tail, margin, mode, w.dtype).reshape(-1)
+        out.append(moved.to(w.dtype))
+    return out[0], out[1]
 
 
 @dataclass(repr=False)
