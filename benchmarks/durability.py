@@ -250,25 +250,31 @@ def failures(m: dict[str, Any]) -> list[str]:
     return out
 
 
-def compare(outs: list[Path]) -> str:
-    """A markdown table: per split, each folder's MANSU run (seed 0, no ablation) as converged; forget full /
-    worst format; utility drop NF4; paraphrase full; unlearn s; and the count of issue #10's targets missed
-    (relearning aside: it needs the baselines). Each column is headed by how its runs' configs differ from
-    today's defaults (a field today's config lacks is left out)."""
+def config_changes(record: dict[str, Any]) -> str:
+    """JSON of the fields in which a MANSU run's config differs from today's defaults (seed and progress aside;
+    a field today's config lacks is left out)."""
     from dataclasses import asdict
 
     import mansu
 
     defaults = json.loads(json.dumps(asdict(mansu.MansuConfig())))
+    return json.dumps({k: v for k, v in record["config"].items()
+                       if k in defaults and k not in ("seed", "progress") and v != defaults[k]}, sort_keys=True)
+
+
+def compare(outs: list[Path]) -> str:
+    """A markdown table: per split, each folder's MANSU run (seed 0, no ablation) as converged; forget full /
+    worst format; utility drop NF4; paraphrase full; unlearn s; and the count of issue #10's targets missed
+    (relearning aside: it needs the baselines). Each column is headed by its runs' `config_changes`."""
+    import mansu
+
     cells: dict[str, dict[Path, str]] = {}
     heads = []
     for out in outs:
         overrides = set()
         for path in sorted((out / "runs").glob("*.mansu.seed0.json")):
             record = mansu.files.read_json(path)
-            changed = {k: v for k, v in record["config"].items()
-                       if k in defaults and k not in ("seed", "progress") and v != defaults[k]}
-            overrides.add(json.dumps(changed, sort_keys=True))
+            overrides.add(config_changes(record))
             m = metrics(record)
             cells.setdefault(record["job"]["split"], {})[out] = (
                 f"{'yes' if m['converged'] else 'no'} {m['forget_full']:.2f} / {m['forget_worst_format']:.2f} "
@@ -316,9 +322,10 @@ def report(out: Path, smoke: bool, doc: Path | None = None) -> None:
                                    f"{baseline_recovery[split]:+.2f}")
     mansu.files.write_json(out / "results.json", {"rows": rows})
     planned = len(jobs(suite(smoke), smoke))
-    overrides = sorted({json.dumps(r["job"].get("overrides") or {}, sort_keys=True) for r in records
-                        if r["job"]["method"] == "mansu"})
-    text = markdown(by_method, mansu_rows, smoke, out, planned, sum(r.get("job_s", 0.0) for r in records), overrides)
+    overrides = sorted({config_changes(r) for r in records
+                        if r["job"]["method"] == "mansu" and not r["job"]["ablation"]})
+    text = markdown(by_method, mansu_rows, smoke, out, planned, sum(r.get("job_s", 0.0) for r in records),
+                    overrides)
     plots(by_method, records, [out / "durability.png"] + ([doc.parent / "results.png"] if doc else []))
     if doc is not None:
         mansu.files.write_text(doc, text, replace=True)  # the doc is this script's own output
