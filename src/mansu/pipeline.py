@@ -4,10 +4,11 @@
 2. diagonal Fisher and null-space projectors on the retain set
 3. rounds (mansu.editor): every candidate weight moves to the neighbouring NF4 level in the projected forget
    descent direction; moves are ranked by forget benefit net of first-order retain harm, per Fisher cost; a
-   retain guard gives back a round (with `backtracks`, its weaker half first) that hurts the retain set; stop
-   once the forget set is forgotten in full precision and in the quantized (deployed) model (with
-   `stop_on_gap`, with no PTQ gap), and then in a copy in every `exam_formats` format. When progress stalls, the circuit grows: attribution
-   on the edited model adds the components that now carry the knowledge
+   retain guard (and with `anchor_guard`, an anchor guard) gives back a round (with `backtracks`, its weaker
+   half first) that hurts the retain set (the anchor facts); stop once the forget set is forgotten in full
+   precision and in the quantized (deployed) model (with `stop_on_gap`, with no PTQ gap), and then in a copy
+   in every `exam_formats` format. When progress stalls, the circuit grows: attribution on the edited model
+   adds the components that now carry the knowledge
 4. quantize-and-check: the permanence certificate against the original weights
 """
 from __future__ import annotations
