@@ -5,6 +5,9 @@
     python benchmarks/durability.py run --smoke --out smoke       # one small split, a few minutes (CI runs it)
     python benchmarks/durability.py run --out v --mansu '{"saturate_on": "quantized"}' --splits same-capitals-10
                                                                   # a candidate default, on chosen splits
+    python benchmarks/durability.py run --out p --train-paraphrases 1 --splits same-capitals-10
+                                                                  # every method also trains on each forget
+                                                                  # item's first paraphrase; the probe reads the rest
     python benchmarks/durability.py compare durability v          # MANSU (seed 0) split by split, per folder
 
 Splits are built from the bundled fact sets: same-domain (forget n items of a domain, retain the rest of it)
@@ -48,17 +51,20 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
 @dataclass(frozen=True)
 class Split:
-    """Forget `n` items of `domain` (seeded); retain the rest of it (same-domain) or 20 of each `others`."""
+    """Forget `n` items of `domain` (seeded); retain the rest of it (same-domain) or 20 of each `others`. With
+    `train_paraphrases`, each forget item's first that many paraphrases join the forget set as items of their
+    own (`mansu.train_on_paraphrases`), for every method; the paraphrase probe reads the rest."""
 
     name: str
     domain: str
     n: int
     others: tuple[str, ...] = ()
 
-    def items(self, seed: int = 0):
+    def items(self, seed: int = 0, train_paraphrases: int = 0):
         import mansu
 
         forget, rest = mansu.split(mansu.load_bundled(self.domain), self.n, seed=seed)
+        forget = mansu.train_on_paraphrases(forget, train_paraphrases)
         if not self.others:
             return forget, rest
         retain = [it for d in self.others for it in mansu.split(mansu.load_bundled(d), 20, seed=seed)[0]]
@@ -137,7 +143,7 @@ def run_job(job: dict[str, Any], out: Path, smoke: bool) -> None:
 
     tick = time.perf_counter()
     split = {s.name: s for s in suite(smoke)}[job["split"]]
-    forget, retain = split.items()
+    forget, retain = split.items(train_paraphrases=job.get("train_paraphrases", 0))
     utility, _ = default_utility(forget, retain, per_set=5 if smoke else 20)
     model, tokenizer = mansu.load_model()
     formats = ["nf4"] if smoke else list(FORMATS)
@@ -161,10 +167,11 @@ def run_job(job: dict[str, Any], out: Path, smoke: bool) -> None:
 
 
 def run_suite(out: Path, smoke: bool, workers: int = 1, overrides: dict[str, Any] | None = None,
-              only: list[str] | None = None) -> None:
+              only: list[str] | None = None, train_paraphrases: int = 0) -> None:
     """Every job not yet done (of the splits in `only`, if given), each in its own process (`workers` at a
     time, one thread each when more than one, so every run sees the same share of the machine); then the
-    report. `overrides` change MANSU's config from the library defaults; each run records them."""
+    report. `overrides` change MANSU's config from the library defaults; `train_paraphrases` the splits' forget
+    sets, for every method (see Split); each run records them."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from tqdm.auto import tqdm
@@ -174,14 +181,16 @@ def run_suite(out: Path, smoke: bool, workers: int = 1, overrides: dict[str, Any
     if unknown:
         raise SystemExit(f"unknown splits {unknown}; the suite has {[s.name for s in splits]}")
     planned = [j | ({"overrides": overrides} if overrides and j["method"] == "mansu" else {})
+               | ({"train_paraphrases": train_paraphrases} if train_paraphrases else {})
                for j in jobs([s for s in splits if not only or s.name in only], smoke)]
-    for job in planned:  # resuming must not mix configs: a finished MANSU run must have had the same overrides
+    for job in planned:  # resuming must not mix configs or data: a finished run must have had the same ones
         done = out / "runs" / f"{job_key(job)}.json"
-        if job["method"] == "mansu" and done.exists():
-            had = json.loads(done.read_text())["job"].get("overrides") or {}
-            if had != job.get("overrides", {}):
-                raise SystemExit(f"{done} ran with MANSU overrides {had}, not {job.get('overrides', {})}: "
-                                 f"choose another --out")
+        if done.exists():
+            had = json.loads(done.read_text())["job"]
+            for key, default in (("overrides", {}), ("train_paraphrases", 0)):
+                if had.get(key, default) != job.get(key, default):
+                    raise SystemExit(f"{done} ran with {key} {had.get(key, default)}, not {job.get(key, default)}: "
+                                     f"choose another --out")
     todo = [j for j in planned if not (out / "runs" / f"{job_key(j)}.json").exists()]
     print(f"{len(todo)} runs to do in {out}/runs", flush=True)
     env = os.environ | ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if workers > 1 else {})
@@ -231,19 +240,25 @@ def metrics(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _past(value: float, target: str) -> bool:
+    """`value` past `TARGETS[target]`. Accuracies are ratios of item counts, so a difference of two can miss its
+    exact value by float rounding (0.99 - 0.94 = 0.05000000000000004): that rounding alone never fails a target."""
+    return value > TARGETS[target] + 1e-9
+
+
 def failures(m: dict[str, Any]) -> list[str]:
     """Which of issue #10's targets a MANSU run misses (the relearning target is checked per split)."""
     out = []
-    if max(m["forget_full"], m["forget_worst_format"], m["forget_bnb_nf4"]) > TARGETS["forget_acc"]:
+    if _past(max(m["forget_full"], m["forget_worst_format"], m["forget_bnb_nf4"]), "forget_acc"):
         out.append(f"forget {m['forget_full']:.2f} full / {m['forget_worst_format']:.2f} {m['worst_format']} / "
                    f"{m['forget_bnb_nf4']:.2f} bnb")
-    if m["ptq_gap_max"] > TARGETS["ptq_gap"]:
+    if _past(m["ptq_gap_max"], "ptq_gap"):
         out.append(f"PTQ gap {m['ptq_gap_max']:+.2f}")
-    if max(m["utility_drop_full"], m["utility_drop_nf4"], m["utility_drop_bnb_nf4"]) > TARGETS["utility_drop"]:
+    if _past(max(m["utility_drop_full"], m["utility_drop_nf4"], m["utility_drop_bnb_nf4"]), "utility_drop"):
         out.append(f"utility drop {m['utility_drop_full']:.3f} full / {m['utility_drop_nf4']:.3f} nf4 / "
                    f"{m['utility_drop_bnb_nf4']:.3f} bnb")
     for key in ("paraphrase_full", "paraphrase_nf4"):
-        if m[key] is not None and m[key] > TARGETS["paraphrase_acc"]:
+        if m[key] is not None and _past(m[key], "paraphrase_acc"):
             out.append(f"{key.replace('_', ' ')} {m[key]:.2f}")
     if not m["certified"]:
         out.append("not certified")
@@ -252,14 +267,16 @@ def failures(m: dict[str, Any]) -> list[str]:
 
 def config_changes(record: dict[str, Any]) -> str:
     """JSON of the fields in which a MANSU run's config differs from today's defaults (seed and progress aside;
-    a field today's config lacks is left out)."""
+    a field today's config lacks is left out), and the split's `train_paraphrases` where it had any."""
     from dataclasses import asdict
 
     import mansu
 
     defaults = json.loads(json.dumps(asdict(mansu.MansuConfig())))
-    return json.dumps({k: v for k, v in record["config"].items()
-                       if k in defaults and k not in ("seed", "progress") and v != defaults[k]}, sort_keys=True)
+    changes = {k: v for k, v in record["config"].items()
+               if k in defaults and k not in ("seed", "progress") and v != defaults[k]}
+    trained = record["job"].get("train_paraphrases", 0)
+    return json.dumps(changes | ({"train_paraphrases": trained} if trained else {}), sort_keys=True)
 
 
 def compare(outs: list[Path]) -> str:
@@ -478,6 +495,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="runs at a time (each one thread when > 1)")
     parser.add_argument("--mansu", type=json.loads, default=None, metavar="JSON",
                         help="MansuConfig fields that differ from the defaults, e.g. '{\"backtracks\": 3}'")
+    parser.add_argument("--train-paraphrases", type=int, default=0, metavar="N",
+                        help="each forget item's first N paraphrases join the forget set (every method); the "
+                             "paraphrase probe reads the rest")
     parser.add_argument("--splits", default=None, help="comma-separated split names (default: the whole suite)")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one run, as JSON
     args = parser.parse_args()
@@ -487,7 +507,8 @@ def main() -> None:
     elif args.command == "compare":
         print(compare([Path(f) for f in args.folders]))
     elif args.command == "run":
-        run_suite(out, args.smoke, args.workers, args.mansu, args.splits.split(",") if args.splits else None)
+        run_suite(out, args.smoke, args.workers, args.mansu, args.splits.split(",") if args.splits else None,
+                  args.train_paraphrases)
     else:
         report(out, args.smoke, None if args.smoke else DOC)
 

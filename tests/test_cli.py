@@ -47,6 +47,24 @@ def test_run_config_mistakes_fail_before_any_model_is_loaded(tmp_path, capsys, m
     assert code == 2 and message in err and err.count("\n") == 1 and not out.exists()
 
 
+def test_run_can_train_on_paraphrases(tmp_path, monkeypatch):
+    import mansu
+    import mansu.report
+
+    seen = {}
+
+    def stop(model, tokenizer, forget, *args, **kwargs):
+        seen["forget"] = forget
+        raise mansu.MansuError("stopped here")
+
+    monkeypatch.setattr(mansu, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(mansu.report, "run", stop)
+    args = ["run", "--forget", "elements", "--retain", "languages", "--out", str(tmp_path / "r.json")]
+    assert main(args + ["--train-paraphrases", "1"]) == 2
+    assert seen["forget"] == mansu.train_on_paraphrases(mansu.load_items("elements"), 1)
+    assert main(args + ["--train-paraphrases", "-1"]) == 2 and not (tmp_path / "r.json").exists()
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "report.json"
     files.write_json(path, {"a": 1})

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mansu
-from mansu.data import Item, batches, encode, load_items, read_jsonl, split
+from mansu.data import Item, batches, encode, load_items, read_jsonl, split, train_on_paraphrases
 
 
 def test_item_validation():
@@ -87,6 +87,16 @@ def test_split_is_seeded_and_disjoint(capitals):
     assert len(forget) == 10 and len(retain) == len(capitals) - 10
     assert not set(forget) & set(retain)
     assert split(capitals, 10, seed=3) == (forget, retain) != split(capitals, 10, seed=4)
+
+
+def test_train_on_paraphrases_moves_the_first_n_wordings_into_the_forget_set():
+    items = [Item("a is", "x", ("x", "y"), ("A is", "Q: a?\nA:", "a, that is")), Item("b is", "y", ("x", "y"))]
+    out = train_on_paraphrases(items, 2)
+    assert out == [Item("a is", "x", ("x", "y"), ("a, that is",)), Item("b is", "y", ("x", "y")),
+                   Item("A is", "x", ("x", "y")), Item("Q: a?\nA:", "x", ("x", "y"))]
+    assert train_on_paraphrases(items, 0) == items
+    with pytest.raises(mansu.MansuError, match=">= 0"):
+        train_on_paraphrases(items, -1)
 
 
 def test_encode_masks_prompt_and_padding(tokenizer):

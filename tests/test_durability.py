@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import durability  # noqa: E402
+import mansu  # noqa: E402
 
 
 def test_the_full_suite_has_the_splits_seeds_and_ablations_the_issue_asks_for():
@@ -29,11 +30,22 @@ def test_the_full_suite_has_the_splits_seeds_and_ablations_the_issue_asks_for():
     assert {j["ablation"] for j in planned} == {None, *durability.ABLATIONS}
 
 
+def test_a_split_can_train_on_paraphrases_and_probe_the_rest():
+    split = {s.name: s for s in durability.suite()}["cross-capitals-20"]
+    forget, retain = split.items()
+    trained, same_retain = split.items(train_paraphrases=1)
+    assert same_retain == retain and len(trained) == 2 * len(forget)  # every capital has paraphrases
+    assert trained == mansu.train_on_paraphrases(forget, 1)
+
+
 def test_failures_name_every_missed_target():
     good = {"forget_full": 0.2, "forget_worst_format": 0.3, "worst_format": "q4_0", "forget_bnb_nf4": 0.3, "ptq_gap_max": 0.0,
             "utility_drop_full": 0.01, "utility_drop_nf4": 0.0, "utility_drop_bnb_nf4": 0.02,
             "paraphrase_full": 0.4, "paraphrase_nf4": None, "certified": True}
     assert durability.failures(good) == []
+    at_the_limit = good | {"utility_drop_nf4": 0.99 - 0.94}  # 0.05000000000000004: float rounding only
+    assert durability.failures(at_the_limit) == []
+    assert durability.failures(good | {"utility_drop_nf4": 0.99 - 0.93}) != []  # one item more is a miss
     bad = good | {"forget_bnb_nf4": 0.5, "ptq_gap_max": 0.1, "utility_drop_bnb_nf4": 0.06, "paraphrase_nf4": 0.5,
                   "certified": False}
     text = "; ".join(durability.failures(bad))
@@ -41,12 +53,17 @@ def test_failures_name_every_missed_target():
         assert part in text
 
 
-def test_resuming_with_other_overrides_is_refused_before_any_run(tmp_path):
+def test_resuming_with_other_overrides_or_data_is_refused_before_any_run(tmp_path):
     job = {"split": "same-capitals-10", "method": "mansu", "seed": 0, "ablation": None, "overrides": {"backtracks": 3}}
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / f"{durability.job_key(job)}.json").write_text(json.dumps({"job": job}))
-    with pytest.raises(SystemExit, match="ran with MANSU overrides {'backtracks': 3}, not {'backtracks': 1}"):
+    with pytest.raises(SystemExit, match="ran with overrides {'backtracks': 3}, not {'backtracks': 1}"):
         durability.run_suite(tmp_path, False, overrides={"backtracks": 1}, only=["same-capitals-10"])
+    (tmp_path / "runs" / f"{durability.job_key(job)}.json").unlink()  # a baseline's data is checked too
+    baseline = {"split": "same-capitals-10", "method": "graddiff", "seed": 0, "ablation": None}
+    (tmp_path / "runs" / f"{durability.job_key(baseline)}.json").write_text(json.dumps({"job": baseline}))
+    with pytest.raises(SystemExit, match="graddiff.seed0.json ran with train_paraphrases 0, not 1"):
+        durability.run_suite(tmp_path, False, only=["same-capitals-10"], train_paraphrases=1)
     with pytest.raises(SystemExit, match="unknown splits"):
         durability.run_suite(tmp_path, False, only=["no-such-split"])
 

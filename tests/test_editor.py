@@ -1,5 +1,6 @@
 """The edit loop: how moves are scored, the retain guard, the quantized twin, growth and the ablation switches."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,6 +84,19 @@ def test_the_retain_guard_undoes_a_harmful_round_and_halves_the_next(tokenizer, 
     assert result.edited == kept and result.certificate["nf4"].changed == kept
     if not kept:
         assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
+
+
+@pytest.mark.parametrize("both_ways", [False, True])
+def test_the_retain_guard_reads_a_fall_only_both_ways(both_ways):
+    """A round that lowers the retain NLL by 0.5 nats/item (the original reads 1.5) is past a 0.25 guard only when
+    the guard reads both ways; a rise past it always is, and every reading is recorded."""
+    config = mansu.MansuConfig(retain_guard=0.25, retain_guard_both_ways=both_ways, progress=False)
+    for after, breached in (((1.0, 1.4), both_ways), ((1.6, 1.8), True), ((1.4, 1.6), False)):
+        editor = SimpleNamespace(config=config, nll=lambda batch, after=after: after)
+        record = {}
+        assert Editor.guarded(editor, None, (1.5, 1.5), None, record) == breached
+        assert record == pytest.approx({"retain_nll_increase_full": after[0] - 1.5,
+                                        "retain_nll_increase_nf4": after[1] - 1.5})
 
 
 def test_the_anchor_guard_undoes_a_round_that_hurts_what_neither_set_names(tokenizer, capitals, tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 import mansu
 from mansu.data import Item
-from mansu.probes import generation_recall, paraphrase_items, relearn_attack
+from mansu.probes import fact_halves, generation_recall, paraphrase_items, relearn_attack
 
 from conftest import make_tiny
 
@@ -55,7 +55,7 @@ def test_relearn_attack_trains_a_copy_and_scores_the_other_half(tokenizer, capit
     assert result.train_nll[1] < result.train_nll[0]  # the attack did learn the items it trained on
     assert all((model.state_dict()[k] == v).all() for k, v in before.items())  # the edited model is untouched
     assert "full_after" in repr(result) and result.to_dict()["train_nll"] == list(result.train_nll)
-    with pytest.raises(mansu.MansuError, match="at least 2"):
+    with pytest.raises(mansu.MansuError, match="at least 2 forget facts"):
         relearn_attack(model, tokenizer, capitals[:1])
 
 
@@ -66,3 +66,16 @@ def test_relearn_attack_seeds_its_dropout_and_leaves_the_global_rng_alone(tokeni
             for _ in range(2)]
     assert torch.equal(torch.get_rng_state(), state)
     assert runs[0] == runs[1]  # unseeded dropout would train the two copies differently
+
+
+def test_fact_halves_keep_each_fact_whole_on_one_side(capitals):
+    single = capitals[:7]  # one wording per fact: a seeded shuffle of the items, as the attack always split
+    train, held = fact_halves(single, seed=2)
+    assert (len(train), len(held)) == (3, 4) and sorted(train + held, key=single.index) == single
+    worded = mansu.train_on_paraphrases(capitals[:6], 2)  # each fact asked three ways
+    for seed in range(5):
+        train, held = fact_halves(worded, seed)
+        assert len(train) == len(held) == 9
+        assert not {(it.answer, it.choices) for it in train} & {(it.answer, it.choices) for it in held}
+    with pytest.raises(mansu.MansuError, match="at least 2 forget facts"):
+        fact_halves(mansu.train_on_paraphrases(capitals[:1], 2))

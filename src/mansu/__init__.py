@@ -7,7 +7,7 @@
 from . import files
 from .attribution import Circuit, CircuitConfig, attribute, attribute_circuit
 from .circuit_divergence import CADResult, cad
-from .data import Item, bundled_sets, load_bundled, load_items, split
+from .data import Item, bundled_sets, load_bundled, load_items, split, train_on_paraphrases
 from .errors import MansuError
 from .evaluation import EvalResult, answer_logprob, evaluate
 from .fisher import BoundConfig, BoundedUpdate, Fisher, FisherConfig, bound_update, diagonal_fisher
@@ -35,8 +35,9 @@ __all__ = [
     "UnlearnResult", "EvalResult", "Certificate", "FormatCheck", "Circuit", "CADResult", "Fisher", "Projector",
     "RelearnResult", "FloorStats", "BoundedUpdate", "BinGeometry",
     # building blocks
-    "Item", "load_items", "load_bundled", "bundled_sets", "split", "answer_logprob", "attribute", "diagonal_fisher",
-    "bound_update", "null_space_projector", "floor_update", "apply_floor_", "bin_geometry", "fake_quantize",
-    "quantized_copy", "evaluate_formats", "generation_recall", "relearn_attack", "EMBEDDED_MODEL", "MansuError",
+    "Item", "load_items", "load_bundled", "bundled_sets", "split", "train_on_paraphrases", "answer_logprob",
+    "attribute", "diagonal_fisher", "bound_update", "null_space_projector", "floor_update", "apply_floor_",
+    "bin_geometry", "fake_quantize", "quantized_copy", "evaluate_formats", "generation_recall", "relearn_attack",
+    "EMBEDDED_MODEL", "MansuError",
     "log_rounds", "files",
 ]

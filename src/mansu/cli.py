@@ -60,6 +60,7 @@ def _run(args: argparse.Namespace) -> None:
     from mansu.report import run
 
     forget, retain = mansu.load_items(args.forget), mansu.load_items(args.retain)
+    forget = mansu.train_on_paraphrases(forget, args.train_paraphrases)
     utility = mansu.load_items(args.utility) if args.utility else None
     mansu.data.check_disjoint(forget=forget, retain=retain, utility=utility)
     mansu.files.claim(args.out)  # every output path is checked before the long work, not after it
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "bundled sets sharing no prompt with forget and retain)")
     run.add_argument("--config", help="JSON object of config fields that differ from the method's defaults, e.g. "
                                       "'{\"anchor_guard\": 0.02}' (MansuConfig or BaselineConfig; see docs/api.md)")
+    run.add_argument("--train-paraphrases", type=int, default=0, metavar="N",
+                     help="each forget item's first N paraphrases join the forget set (the edit trains on them); "
+                          "the paraphrase probe reads the rest")
     run.add_argument("--relearn", action="store_true",
                      help="also attack the edit: fine-tune on half the forget set, score the other half")
     run.set_defaults(func=_run)

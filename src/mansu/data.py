@@ -216,6 +216,16 @@ def split(items: Sequence[Item], n_first: int, seed: int = 0) -> tuple[list[Item
     return [items[i] for i in order[:n_first]], [items[i] for i in order[n_first:]]
 
 
+def train_on_paraphrases(items: Sequence[Item], n: int) -> list[Item]:
+    """`items`, each keeping only its paraphrases past the first `n` (the held-out ones the paraphrase probe
+    reads), then each item's first `n` paraphrases as forget items of their own: the edit is pushed off the
+    fact, not off one wording of it, and is still probed on wordings it never saw."""
+    if n < 0:
+        raise MansuError(f"the number of paraphrases to train on must be >= 0, got {n}")
+    kept = [Item(it.prompt, it.answer, it.choices, it.paraphrases[n:]) for it in items]
+    return kept + [Item(p, it.answer, it.choices) for it in items for p in it.paraphrases[:n]]
+
+
 @dataclass
 class Batch:
     """Right-padded token ids; `target_mask[b, t]` marks positions whose next token is an answer token."""

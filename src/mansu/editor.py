@@ -10,7 +10,7 @@ Each round:
    benefit, minus first-order retain *harm* (a move that would also lower the retain NLL earns nothing for it:
    retain gains are never bought), per unit of the second-order retain cost; the best are taken;
 4. guards: if the round raised the retain NLL (full precision or quantized) past `retain_guard` over the
-   original, or (with `anchor_guard`) lowered the true choice's probability on anchor facts neither set names
+   original (with `retain_guard_both_ways`, or lowered it that far), or (with `anchor_guard`) lowered the true choice's probability on anchor facts neither set names
    by more than that, its weaker half of moves is given back (up to `backtracks` times), then all of it,
    and later rounds take half as many moves; weights given back are never tried again;
 5. the forget set is scored in full precision and on the quantized twin; once both are forgotten (with
@@ -349,10 +349,11 @@ class Editor:
     def guarded(self, batch: Batch, reference: tuple[float, float], anchor: "Anchor | None",
                 record: dict[str, Any]) -> bool:
         """Read the retain NLL's rise over the original, and the anchor's drop (all recorded); True when either
-        is past its guard."""
+        is past its guard (with `retain_guard_both_ways`, also a fall of the retain NLL past it)."""
         harm = [after - before for after, before in zip(self.nll(batch), reference)]
         record |= {"retain_nll_increase_full": harm[0], f"retain_nll_increase_{self.config.format}": harm[1]}
-        breached = self.config.retain_guard is not None and max(harm) > self.config.retain_guard
+        moved = [abs(h) for h in harm] if self.config.retain_guard_both_ways else harm
+        breached = self.config.retain_guard is not None and max(moved) > self.config.retain_guard
         if anchor is not None:
             drop = anchor.drop()
             record |= {"anchor_drop_full": drop[0], f"anchor_drop_{self.config.format}": drop[1]}

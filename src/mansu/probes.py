@@ -105,19 +105,30 @@ class RelearnResult(Result):
                 **{f"{k}_before": v for k, v in self.before.items()}, **{f"{k}_after": v for k, v in self.after.items()}}
 
 
+def fact_halves(items: Sequence[Item], seed: int = 0) -> tuple[list[Item], list[Item]]:
+    """`items` split at random (under `seed`) into half of their facts and the rest, each fact (items with the
+    same answer and choices) whole on one side; with one item per fact, a seeded shuffle of the items."""
+    facts: dict[tuple, list[Item]] = {}
+    for it in items:
+        facts.setdefault((it.answer, it.choices), []).append(it)
+    if len(facts) < 2:
+        raise MansuError("a relearning attack needs at least 2 forget facts: half to train on, half to score")
+    groups = list(facts.values())
+    random.Random(seed).shuffle(groups)
+    half = len(groups) // 2
+    return [it for g in groups[:half] for it in g], [it for g in groups[half:] for it in g]
+
+
 def relearn_attack(model: nn.Module, tokenizer, forget: Sequence[Item], formats: Sequence[str] = ("nf4",),
                    steps: int = 10, lr: float = 1e-5, seed: int = 0, progress: bool = True) -> RelearnResult:
-    """Fine-tune a copy of `model` (AdamW, `steps` steps on the answers' NLL) on half of `forget`, chosen
+    """Fine-tune a copy of `model` (AdamW, `steps` steps on the answers' NLL) on half of `forget`'s facts, chosen
     under `seed` (which also seeds dropout), and score the other half before and after, in full precision and
-    each format. `model` itself, and the caller's global RNG, are left as they were."""
-    if len(forget) < 2:
-        raise MansuError("a relearning attack needs at least 2 forget items: half to train on, half to score")
+    each format. Items with the same answer and choices (one fact in several wordings, as
+    `train_on_paraphrases` makes) stay on one side: scoring a wording of a fact the attack trained on would
+    count it as relearned. `model` itself, and the caller's global RNG, are left as they were."""
     if steps < 1 or not lr > 0:
         raise MansuError(f"relearning needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
-    order = list(range(len(forget)))
-    random.Random(seed).shuffle(order)
-    half = len(forget) // 2
-    train, held = [forget[i] for i in order[:half]], [forget[i] for i in order[half:]]
+    train, held = fact_halves(forget, seed)
 
     def accuracies(m: nn.Module) -> dict[str, float]:
         return {name: evaluate(q, tokenizer, held, progress=False).accuracy for name, q in variants(m, formats)}
