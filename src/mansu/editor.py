@@ -10,9 +10,10 @@ Each round:
    benefit, minus first-order retain *harm* (a move that would also lower the retain NLL earns nothing for it:
    retain gains are never bought), per unit of the second-order retain cost; the best are taken;
 4. guards: if the round raised the retain NLL (full precision or quantized) past `retain_guard` over the
-   original (with `retain_guard_both_ways`, or lowered it that far), or (with `anchor_guard`) lowered the true choice's probability on anchor facts neither set names
-   by more than that, its weaker half of moves is given back (up to `backtracks` times), then all of it,
-   and later rounds take half as many moves; weights given back are never tried again;
+   original (with `retain_guard_both_ways`, or lowered it that far), or (with `anchor_guard`) lowered the true
+   choice's probability on anchor facts neither set names by more than that, its weaker half of moves is given
+   back (up to `backtracks` times), then all of it, and later rounds take half as many moves; weights given
+   back are never tried again;
 5. the forget set is scored in full precision and on the quantized twin; once both are forgotten (with
    `stop_on_gap`, the twin also knowing no more than full precision), the same is checked on a copy in every
    `exam_formats` format; all pass: done.

@@ -43,9 +43,9 @@ class MansuConfig:
     fisher_budget: float | None = None  # cap on 0.5 sum F delta^2 over all edits (nats/item); None: no cap
     retain_weight: float = 1.0  # weight of a move's first-order retain harm in its score
     retain_guard: float | None = 0.25  # undo a round raising the retain NLL (nats/item) by more; None: no guard
-    retain_guard_both_ways: bool = False  # also undo a round *lowering* it by more: a large fall is the edit
-    # rewriting the retain answers' neighbourhood, not a gain (cross-capitals-20: -2.2 nats/item while untouched
-    # sets lost 0.6 accuracy, docs/method.md)
+    retain_guard_both_ways: bool = False  # also undo a round *lowering* it by more (cross-capitals-20's retain NLL
+    # fell 2.2 nats/item as its untouched sets lost 0.6); off: within a domain forgetting itself lowers it, and
+    # same-capitals-10 then stalls (docs/method.md)
     anchor_guard: float | None = None  # also undo a round lowering the `anchor` facts' mean probability of the
     # true choice by more: they guard what neither set names (retain can stay perfect while untouched knowledge
     # falls); None: off
