@@ -247,3 +247,35 @@ def test_npo_fades_on_what_the_deployed_model_still_knows(tokenizer, capitals):
     for name, g in grads["full"].items():
         assert torch.allclose(grads["quantized"][name], g, rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(grads["other twin"][n], g, rtol=1e-3) for n, g in grads["full"].items())
+
+
+def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer, capitals):
+    """forget_on='choices': the objective reads the true choice against the other choices, so the gradient
+    differs from the answer's own, and an output bias that lifts or lowers every choice's first token alike
+    (answer-class suppression) leaves the objective unchanged."""
+    from mansu.evaluation import encode_forget
+    from mansu.methods import forget_loss
+
+    def one_token(c: str) -> bool:
+        return len(tokenizer(" " + c, add_special_tokens=False).input_ids) == 1
+
+    forget = [Item(it.prompt, it.answer, tuple(filter(one_token, it.choices))) for it in capitals[:3]]
+    editor = random_editor("llama", tokenizer, capitals, objective="ga", forget_on="choices")
+    over_choices = encode_forget(tokenizer, forget, "choices")
+    retain_batch = encode_items(tokenizer, capitals[10:14])
+    by_choice = editor.gradients(over_choices, retain_batch, None, 1)[0]
+    by_answer = editor.gradients(encode_forget(tokenizer, forget, "answer"), retain_batch, None, 1)[0]
+    assert any(not torch.allclose(by_choice[n], g, rtol=1e-3) for n, g in by_answer.items())
+    head = editor.model.get_output_embeddings()
+    first = {tokenizer(" " + c, add_special_tokens=False).input_ids[0] for it in forget for c in it.choices}
+    # each choice is one token, so the bias shifts every choice's log-prob by the same amount
+    with torch.no_grad():
+        losses = []
+        for shift in (0.0, -3.0):
+            bias = torch.zeros(head.out_features)
+            bias[list(first)] = shift
+            with head.register_forward_hook(lambda module, args, out: out + bias):
+                losses.append([float(forget_loss(editor.model, b, "ga"))
+                               for b in (over_choices, encode_forget(tokenizer, forget, "answer"))])
+    assert losses[1][0] == pytest.approx(losses[0][0], abs=1e-4)  # over choices: unchanged
+    assert losses[1][1] < losses[0][1] - 1.0  # the answer's own log-prob falls with the shift

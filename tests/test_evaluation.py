@@ -5,7 +5,7 @@ import torch
 
 import mansu
 from mansu.data import Item, encode
-from mansu.evaluation import answer_logprob
+from mansu.evaluation import answer_logprob, encode_choices, encode_forget, fact_logprob
 
 
 def test_answer_logprob_matches_manual_sum_and_ignores_padding(tiny_model):
@@ -31,6 +31,21 @@ def test_evaluate_picks_the_highest_likelihood_choice(tiny_model):
         assert ok == (it.choices[int(scores.argmax())] == it.answer)
     assert result.accuracy == sum(result.correct) / 2 and 0 < result.true_prob < 1 and result.answer_nll > 0
     assert "accuracy" in repr(result) and "<table>" in result._repr_html_()
+
+
+def test_fact_logprob_over_choices_is_the_log_of_evaluates_true_choice_probability(tiny_model):
+    model, tok = tiny_model
+    items = [Item("Hello", "there", ("world", "there", "friend")), Item("One two", "three", ("three", "four")),
+             Item("Say", "yes")]  # no choices: its answer's own log-prob
+    over_choices = fact_logprob(model, encode_choices(tok, items))
+    answers = fact_logprob(model, encode_forget(tok, items, "answer"))
+    expected = [mansu.evaluate(model, tok, [it], progress=False).true_prob for it in items[:2]]
+    assert torch.allclose(over_choices[:2].exp(), torch.tensor(expected), atol=1e-5)
+    assert torch.allclose(over_choices[2], answers[2]) and torch.allclose(answers, answer_logprob(
+        model, encode(tok, [it.prompt for it in items], [it.answer for it in items])))
+    assert not torch.allclose(over_choices[:2], answers[:2])
+    with pytest.raises(mansu.MansuError, match="forget_on"):
+        encode_forget(tok, items, "choice")
 
 
 def test_evaluate_rejects_nan_weights_and_empty_sets(tiny_model):

@@ -64,7 +64,8 @@ def test_config_and_input_errors(tokenizer):
     with pytest.raises(mansu.MansuError, match="energy"):
         mansu.MansuConfig(energy=1.5)
     for bad, message in (({"retain_guard": 0.0}, "retain_guard"), ({"exam_formats": ["nf5"]}, "nf5"),
-                         ({"backtracks": -1}, "backtracks"), ({"saturate_on": "twin"}, "saturate_on")):
+                         ({"backtracks": -1}, "backtracks"), ({"saturate_on": "twin"}, "saturate_on"),
+                         ({"forget_on": "choice"}, "forget_on")):
         with pytest.raises(mansu.MansuError, match=message):
             mansu.MansuConfig(**bad)
     with pytest.raises(mansu.MansuError, match="unknown baseline"):

@@ -3,7 +3,8 @@
 Each round:
 1. gradients of the forget objective and of the retain NLL, separately, on the circuit's weights only (NPO by
    default, whose per-item push fades once an item is forgotten; `saturate_on="quantized"` reads that fading
-   on the twin and the last failed exam format, so an item only full precision forgot keeps being pushed);
+   on the twin and the last failed exam format, so an item only full precision forgot keeps being pushed;
+   `forget_on="choices"` lowers the true choice's probability among the item's choices, not the answer's own);
 2. every unmoved circuit weight's candidate move: to the neighbouring quantization level in the direction
    of the projected forget descent (so it crosses a bin by construction);
 3. score = (forget benefit - retain_weight * retain harm) / (Fisher cost + smoothing): first-order forget
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .data import Batch, Item, encode_items, load_anchor
 from .errors import MansuError
-from .evaluation import answer_logprob, evaluate
+from .evaluation import ChoiceBatch, answer_logprob, encode_forget, evaluate, fact_logprob
 from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
 from .floor import floor_targets
 from .methods import RoundCallback, check_finite, forget_loss, retain_loss
@@ -166,11 +167,11 @@ class Editor:
             # the last exam's failing format): an item full precision forgot but a deployed model still knows keeps
             # its weight.
             with torch.no_grad():
-                deployed = answer_logprob(self.quantized, forget_batch)
+                deployed = fact_logprob(self.quantized, forget_batch)
                 if self.exam_logprob is not None:
                     deployed = torch.maximum(deployed, self.exam_logprob.to(deployed.device))
                 weight = torch.sigmoid(cfg.npo_beta * (deployed - ref.to(deployed.device)))
-            logprob = answer_logprob(self.model, forget_batch)
+            logprob = fact_logprob(self.model, forget_batch)
             return 2.0 * (weight.to(logprob.device) * logprob).mean()
 
         losses = {"forget_loss": self._backward(forget_objective, take_forget, step),
@@ -286,11 +287,11 @@ class Editor:
         cannot. `callback(record)` sees each round; a true return stops the run."""
         cfg = self.config
         rng = random.Random(cfg.seed)
-        forget_batch = encode_items(tokenizer, forget)
+        forget_batch = encode_forget(tokenizer, forget, cfg.forget_on)
         guard_items = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
         guard_batch = encode_items(tokenizer, guard_items)
         with torch.no_grad():
-            ref = answer_logprob(self.model, forget_batch) if cfg.objective == "npo" else None
+            ref = fact_logprob(self.model, forget_batch) if cfg.objective == "npo" else None
             guard_ref = self.nll(guard_batch)
         anchor = Anchor(self, tokenizer, load_anchor(cfg.anchor, forget)) if cfg.anchor_guard is not None else None
         rounds: list[dict[str, Any]] = []
@@ -373,9 +374,9 @@ class Editor:
         return within and (score <= full.score or not self.config.stop_on_gap)
 
     def passes_exam(self, tokenizer, forget: Sequence[Item], full: Knowledge, record: dict[str, Any],
-                    forget_batch: Batch | None = None) -> bool:
+                    forget_batch: Batch | ChoiceBatch | None = None) -> bool:
         """The forget set forgotten in a copy of the model in each exam format, each recorded; stops at a failure,
-        whose forget log-probs (of `forget_batch`) the next rounds' NPO fading reads."""
+        whose forget log-probs (`fact_logprob` of `forget_batch`) the next rounds' NPO fading reads."""
         for fmt in self.config.exam_formats:
             copy_ = quantized_copy(self.model, fmt)
             score = knowledge(copy_, tokenizer, forget).score
@@ -383,7 +384,7 @@ class Editor:
             if not self.forgotten(full, score):
                 if forget_batch is not None:
                     with torch.no_grad():
-                        self.exam_logprob = answer_logprob(copy_, forget_batch)
+                        self.exam_logprob = fact_logprob(copy_, forget_batch)
                 return False
             del copy_
         self.exam_logprob = None

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Batch, Item, encode
+from .data import Batch, Item, encode, encode_items
 from .errors import MansuError
 from .models import input_device
 from .results import Result
@@ -21,6 +21,44 @@ def answer_logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     batch = batch.to(logprobs.device)  # the output head may sit on another device than the embeddings
     token_lp = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     return (token_lp * batch.target_mask).sum(-1)
+
+
+@dataclass
+class ChoiceBatch:
+    """Every (prompt, choice) pair of some items in one batch; per item its first row, its number of choices
+    (1: an item without choices, its answer alone) and its answer's row among them."""
+
+    batch: Batch
+    groups: list[tuple[int, int, int]]
+
+
+def encode_choices(tokenizer, items: Sequence[Item]) -> ChoiceBatch:
+    """One `ChoiceBatch` of `items`."""
+    prompts, answers, groups = [], [], []
+    for it in items:
+        choices = it.choices or (it.answer,)
+        groups.append((len(prompts), len(choices), choices.index(it.answer)))
+        prompts += [it.prompt] * len(choices)
+        answers += list(choices)
+    return ChoiceBatch(encode(tokenizer, prompts, answers), groups)
+
+
+def fact_logprob(model: torch.nn.Module, batch: Batch | ChoiceBatch) -> torch.Tensor:
+    """Per item, differentiable: its answer's log-probability (a `Batch`), or the true choice's log-probability
+    among its choices (a `ChoiceBatch`: what the multiple-choice test reads; an item without choices, its
+    answer's). The second does not fall when an edit lowers every answer of a kind alike."""
+    if isinstance(batch, Batch):
+        return answer_logprob(model, batch)
+    scores = answer_logprob(model, batch.batch)
+    return torch.stack([scores[first + answer] - (torch.logsumexp(scores[first : first + k], 0) if k > 1 else 0)
+                        for first, k, answer in batch.groups])
+
+
+def encode_forget(tokenizer, items: Sequence[Item], forget_on: str) -> Batch | ChoiceBatch:
+    """The batch a forget objective reads `fact_logprob` of: `forget_on` "choices" or "answer"."""
+    if forget_on not in ("answer", "choices"):
+        raise MansuError(f"forget_on must be 'answer' or 'choices', got {forget_on!r}")
+    return encode_choices(tokenizer, items) if forget_on == "choices" else encode_items(tokenizer, items)
 
 
 @dataclass(repr=False)

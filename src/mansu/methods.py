@@ -20,16 +20,16 @@ from tqdm.auto import tqdm
 from .data import Batch, Item, batches, encode_items
 from .config import check_types
 from .errors import MansuError
-from .evaluation import answer_logprob, evaluate
+from .evaluation import ChoiceBatch, answer_logprob, evaluate, fact_logprob
 
 BASELINES = ("ga", "graddiff", "npo")
 RoundCallback = Callable[[dict[str, Any]], Any]  # called with each round's record; a true return stops the run
 
 
-def forget_loss(model: torch.nn.Module, batch: Batch, objective: str, ref_logprob: torch.Tensor | None = None,
-                beta: float = 0.1) -> torch.Tensor:
-    """The loss whose descent forgets: mean answer log-prob (`ga`) or the NPO loss (needs `ref_logprob`)."""
-    logprob = answer_logprob(model, batch)
+def forget_loss(model: torch.nn.Module, batch: Batch | ChoiceBatch, objective: str,
+                ref_logprob: torch.Tensor | None = None, beta: float = 0.1) -> torch.Tensor:
+    """The loss whose descent forgets: mean `fact_logprob` (`ga`) or the NPO loss on it (needs `ref_logprob`)."""
+    logprob = fact_logprob(model, batch)
     if objective == "ga":
         return logprob.mean()
     if objective == "npo":

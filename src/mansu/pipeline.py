@@ -38,6 +38,8 @@ class MansuConfig:
     """MANSU: circuit-restricted, Fisher-bounded, null-space-projected, NF4-floored unlearning."""
 
     objective: str = "npo"  # forget objective: "npo" (saturates once an item is forgotten) or "ga"
+    forget_on: str = "answer"  # the log-prob it lowers: the "answer"'s own, or the true choice's among the item's
+    # "choices" (what the test reads: lowering every answer of a kind alike, as on same-currencies-10, earns nothing)
     circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig(mass=0.3, retain_penalty=1.0, progress=False))
     energy: float | None = 0.99  # retain energy the projector protects; None: no projection
     fisher_budget: float | None = None  # cap on 0.5 sum F delta^2 over all edits (nats/item); None: no cap
@@ -80,6 +82,8 @@ class MansuConfig:
         check_types(self)
         if self.objective not in ("ga", "npo"):
             raise MansuError(f"objective must be 'ga' or 'npo', got {self.objective!r}")
+        if self.forget_on not in ("answer", "choices"):
+            raise MansuError(f"forget_on must be 'answer' or 'choices', got {self.forget_on!r}")
         self.circuit = from_dict(CircuitConfig, self.circuit)
         if self.energy is not None:
             ProjectionConfig(energy=self.energy)  # validates
