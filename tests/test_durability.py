@@ -68,6 +68,19 @@ def test_resuming_with_other_overrides_or_data_is_refused_before_any_run(tmp_pat
         durability.run_suite(tmp_path, False, only=["no-such-split"])
 
 
+def test_the_report_names_the_command_that_made_its_runs(tmp_path):
+    def record(method, overrides=None, trained=1):
+        return {"job": {"split": "s", "method": method, "seed": 0, "ablation": None, "train_paraphrases": trained}
+                | ({"overrides": overrides} if overrides else {})}
+
+    runs = [record("mansu", {"stop_on_gap": True}), record("graddiff")]
+    command = f"python benchmarks/durability.py run --out {tmp_path}"
+    assert durability.run_command(tmp_path, False, runs) == (
+        command + " --train-paraphrases 1 --mansu '{\"stop_on_gap\": true}'")
+    mixed = runs + [record("mansu", {"backtracks": 3}, trained=0)]  # no one command made these
+    assert durability.run_command(tmp_path, True, mixed) == command.replace(" run ", " run --smoke ", 1)
+
+
 @pytest.mark.slow
 def test_smoke_run_writes_runs_results_and_resumes(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
