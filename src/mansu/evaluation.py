@@ -32,14 +32,20 @@ class ChoiceBatch:
     groups: list[tuple[int, int, int]]
 
 
-def encode_choices(tokenizer, items: Sequence[Item]) -> ChoiceBatch:
-    """One `ChoiceBatch` of `items`."""
+def choice_rows(items: Sequence[Item]) -> tuple[list[str], list[str], list[tuple[int, int, int]]]:
+    """Every (prompt, choice) pair of `items` as prompts and answers, and per item its `ChoiceBatch` group."""
     prompts, answers, groups = [], [], []
     for it in items:
         choices = it.choices or (it.answer,)
         groups.append((len(prompts), len(choices), choices.index(it.answer)))
         prompts += [it.prompt] * len(choices)
         answers += list(choices)
+    return prompts, answers, groups
+
+
+def encode_choices(tokenizer, items: Sequence[Item]) -> ChoiceBatch:
+    """One `ChoiceBatch` of `items`."""
+    prompts, answers, groups = choice_rows(items)
     return ChoiceBatch(encode(tokenizer, prompts, answers), groups)
 
 
@@ -82,14 +88,14 @@ def evaluate(
     """Score every choice by its summed answer log-likelihood; an item is correct if its answer wins."""
     if not items:
         raise MansuError("cannot evaluate an empty item set")
-    pairs = [(i, c) for i, it in enumerate(items) for c in (it.choices or (it.answer,))]
+    prompts, answers, groups = choice_rows(items)
     scores, lengths = [], []
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(pairs), batch_size), desc="evaluate", leave=False, disable=not progress):
-            chunk = pairs[start : start + batch_size]
-            batch = encode(tokenizer, [items[i].prompt for i, _ in chunk], [c for _, c in chunk])
+        for start in tqdm(range(0, len(prompts), batch_size), desc="evaluate", leave=False, disable=not progress):
+            rows = slice(start, start + batch_size)
+            batch = encode(tokenizer, prompts[rows], answers[rows])
             scores.append(answer_logprob(model, batch))
             lengths.append(batch.target_mask.sum(-1))
     finally:
@@ -98,16 +104,13 @@ def evaluate(
     if not torch.isfinite(score).all():
         raise MansuError("the model produced non-finite log-likelihoods (NaN/inf weights?)")
 
-    correct, true_probs, nlls, cursor = [], [], [], 0
-    for it in items:
-        k = len(it.choices or (it.answer,))
-        item_scores = score[cursor : cursor + k]
-        answer_index = it.choices.index(it.answer) if it.choices else 0
-        nlls.append(-(item_scores[answer_index] / length[cursor + answer_index]).item())
+    correct, true_probs, nlls = [], [], []
+    for it, (first, k, answer_index) in zip(items, groups):
+        item_scores = score[first : first + k]
+        nlls.append(-(item_scores[answer_index] / length[first + answer_index]).item())
         if it.choices:
             correct.append(bool(item_scores.argmax() == answer_index))
             true_probs.append(torch.softmax(item_scores, 0)[answer_index].item())
-        cursor += k
     return EvalResult(
         accuracy=sum(correct) / len(correct) if correct else None,
         true_prob=sum(true_probs) / len(true_probs) if true_probs else None,
