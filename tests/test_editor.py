@@ -204,7 +204,7 @@ def test_converged_needs_every_exam_format_and_no_ptq_gap(tokenizer, capitals):
     assert editor.forgotten(Knowledge(0.2, 0.1), 0.2) and editor.forgotten(Knowledge(0.3, 0.1), 0.0)
     assert not editor.forgotten(Knowledge(0.2, 0.1), 0.3)  # quantization brings knowledge back: a PTQ gap
     assert not editor.forgotten(Knowledge(0.4, 0.1), 0.2)
-    editor.config.stop_on_gap = False  # the default: each reading within the target is enough
+    editor.config.stop_on_gap = False  # then each reading within the target is enough
     assert editor.forgotten(Knowledge(0.2, 0.1), 0.3) and not editor.forgotten(Knowledge(0.2, 0.1), 0.35)
     editor.config.stop_on_gap = True
     forget = capitals[:4]
@@ -247,6 +247,23 @@ def test_npo_fades_on_what_the_deployed_model_still_knows(tokenizer, capitals):
     for name, g in grads["full"].items():
         assert torch.allclose(grads["quantized"][name], g, rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(grads["other twin"][n], g, rtol=1e-3) for n, g in grads["full"].items())
+
+
+def test_a_failed_exam_keeps_npo_pushing_what_that_format_still_knows(tokenizer, capitals):
+    """Plain NPO (saturate_on='full') stops pushing items full precision forgot; once an exam format failed, its
+    reading sets the fading: at the reference log-prob the weight is 1/2, and NPO's gradient is gradient ascent's."""
+    forget_batch, retain_batch = encode_items(tokenizer, capitals[:4]), encode_items(tokenizer, capitals[10:14])
+    grads = {}
+    for objective in ("npo", "ga"):
+        editor = random_editor("llama", tokenizer, capitals, objective=objective, saturate_on="full")
+        with torch.no_grad():
+            ref = mansu.answer_logprob(editor.model, forget_batch) + 30.0  # full precision forgot every item
+        grads[objective] = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
+        editor.exam_logprob = ref.clone()  # the failed format knows them as the original did
+        grads[objective + " after exam"] = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
+    for name, g in grads["ga"].items():
+        assert grads["npo"][name].abs().max() < 1e-9 * g.abs().max()  # faded: nothing left to push
+        assert torch.allclose(grads["npo after exam"][name], g, rtol=1e-4, atol=1e-7)
 
 
 def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer, capitals):

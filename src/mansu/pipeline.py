@@ -38,8 +38,9 @@ class MansuConfig:
     """MANSU: circuit-restricted, Fisher-bounded, null-space-projected, NF4-floored unlearning."""
 
     objective: str = "npo"  # forget objective: "npo" (saturates once an item is forgotten) or "ga"
-    forget_on: str = "answer"  # the log-prob it lowers: the "answer"'s own, or the true choice's among the item's
-    # "choices" (what the test reads: lowering every answer of a kind alike, as on same-currencies-10, earns nothing)
+    forget_on: str = "choices"  # the log-prob it lowers: the true choice's among the item's "choices" (what the
+    # test reads: lowering every answer of a kind alike, as on same-currencies-10, earns nothing), or the "answer"'s
+    # own (items without choices always use it)
     circuit: CircuitConfig = field(default_factory=lambda: CircuitConfig(mass=0.3, retain_penalty=1.0, progress=False))
     energy: float | None = 0.99  # retain energy the projector protects; None: no projection
     fisher_budget: float | None = None  # cap on 0.5 sum F delta^2 over all edits (nats/item); None: no cap
@@ -52,18 +53,19 @@ class MansuConfig:
     # true choice by more: they guard what neither set names (retain can stay perfect while untouched knowledge
     # falls); None: off
     anchor: str = "general"  # the anchor items: a bundled anchor set (mansu.data.load_anchor) or a JSONL path
-    backtracks: int = 0  # a round past the guard gives back its weaker half up to this many times, then all of it
-    stop_on_gap: bool = False  # converged also needs every quantized reading to know no more than full precision
-    # (PTQ gap <= 0); False: each at most target_forget_acc (the strict rule stalls once full precision overshoots)
-    exam_formats: tuple[str, ...] = ()  # converged also needs the forget set forgotten in each of these formats
-    # (full-model copies, checked once full precision and the twin are done); e.g. ("nf4-dq", "fp4", "int8",
-    # "q4_0", "q8_0"), as the durability suite's v3 runs used
+    backtracks: int = 3  # a round past the guard gives back its weaker half up to this many times, then all of it
+    stop_on_gap: bool = True  # converged also needs every quantized reading to know no more than full precision
+    # (PTQ gap <= 0); False: each at most target_forget_acc
+    exam_formats: tuple[str, ...] = ("nf4-dq", "fp4", "int8", "q4_0", "q8_0")  # converged also needs the forget
+    # set forgotten in each of these formats (full-model copies, checked once full precision and the twin are done)
     format: str = "nf4"  # the deployed format every edit must cross a bin of
     floor_mode: str = "snap"  # "snap": onto the neighbouring level; "margin": just inside the next bin
-    edits_per_round: int = 20_000  # weights moved per round
+    edits_per_round: int = 5_000  # weights moved per round: the ranking is first-order, and stale after a few
+    # thousand bin-crossing moves (cross-languages-10: 20,000 per round overshot and cost 0.37 of utility)
     cost_smoothing: float = 1.0  # score = benefit / (cost + smoothing * median cost): 0 ranks by pure ratio
     max_rounds: int = 40  # a safety cap: the edit stops on convergence, or when it cannot progress
-    target_forget_acc: float = 0.3  # stop once forget accuracy is at most this, full AND quantized
+    target_forget_acc: float = 0.1  # stop once forget accuracy is at most this, full AND quantized (below the
+    # 0.35 bar, so paraphrases and the other formats have room)
     patience: int = 2  # rounds without progress (belief in the answers down by min_progress) before growing
     min_progress: float = 0.02  # relative decrease of the mean answer probability that counts as progress
     grow_mass: float = 0.2  # a stalled circuit's attribution mass grows by this (top_k: doubles); 0: never
@@ -74,7 +76,7 @@ class MansuConfig:
     attribution_retain: int = 16  # retain items whose attribution penalises circuit components
     npo_beta: float = 1.0  # NPO inverse temperature: larger stops pushing forgotten items sooner
     saturate_on: str = "full"  # NPO stops pushing an item once this model forgot it: "quantized" (the twin)
-    # or "full" (plain NPO: full precision can forget an item the deployed model still knows)
+    # or "full" (plain NPO); either way an item the last failed exam format still knows keeps being pushed
     seed: int = 0  # the retain samples' draws (a local generator: the caller's global RNG is left as it was)
     progress: bool = True
 
