@@ -169,12 +169,13 @@ class Editor:
             # precision forgot but a deployed model still knows keeps its weight. Without the exam's reading the
             # weights vanish once full precision forgot, and the rounds move noise (cross-capitals-20: 12 rounds of
             # 5,000 moves at a forget loss of 0.001 or less, fp4 at 0.20, utility falling).
-            with torch.no_grad():
-                deployed = fact_logprob(self.quantized if cfg.saturate_on == "quantized" else self.model, forget_batch)
+            logprob = fact_logprob(self.model, forget_batch)
+            with torch.no_grad():  # full precision's reading is the forward above, not a second one
+                deployed = fact_logprob(self.quantized, forget_batch) if cfg.saturate_on == "quantized" \
+                    else logprob.detach()
                 if self.exam_logprob is not None:
                     deployed = torch.maximum(deployed, self.exam_logprob.to(deployed.device))
                 weight = torch.sigmoid(cfg.npo_beta * (deployed - ref.to(deployed.device)))
-            logprob = fact_logprob(self.model, forget_batch)
             return 2.0 * (weight.to(logprob.device) * logprob).mean()
 
         losses = {"forget_loss": self._backward(forget_objective, take_forget, step),
