@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mansu
-from mansu.data import Item, batches, encode, load_items, read_jsonl, split, train_on_paraphrases
+from mansu.data import Item, batches, encode, load_items, prompt_variants, read_jsonl, split, train_on_paraphrases
 
 
 def test_item_validation():
@@ -97,6 +97,27 @@ def test_train_on_paraphrases_moves_the_first_n_wordings_into_the_forget_set():
     assert train_on_paraphrases(items, 0) == items
     with pytest.raises(mansu.MansuError, match=">= 0"):
         train_on_paraphrases(items, -1)
+
+
+def test_prompt_variants_trim_only_a_shared_template_and_never_repeat_a_prompt():
+    cities = [Item("The city of Munich is in", "Germany", ("Germany", "Italy")),
+              Item("The city of Milan is in", "Italy", ("Germany", "Italy"))]
+    kenya = Item("Kenya is a country in", "Africa", ("Africa", "Asia"))  # its first word names the fact
+    kinds = ["trim1", "trim2", "quoted", "fact"]
+    out = prompt_variants([*cities, kenya], kinds, avoid=[Item("of Milan is in", "Italy")])
+    assert [(v.prompt, v.answer) for v in out] == [
+        ("city of Munich is in", "Germany"), ("of Munich is in", "Germany"),
+        ('Q: Complete: "The city of Munich is in ..."\nA:', "Germany"), ("Fact: The city of Munich is in", "Germany"),
+        ("city of Milan is in", "Italy"),  # "of Milan is in" is a prompt of `avoid`
+        ('Q: Complete: "The city of Milan is in ..."\nA:', "Italy"), ("Fact: The city of Milan is in", "Italy"),
+        ('Q: Complete: "Kenya is a country in ..."\nA:', "Africa"), ("Fact: Kenya is a country in", "Africa")]
+    assert all(v.choices == it.choices for v in out for it in [*cities, kenya] if it.answer == v.answer)
+    assert prompt_variants(cities, []) == []
+    assert prompt_variants([Item("The moon is", "round")], ["trim1"]) == []  # no other item shares its template
+    with pytest.raises(mansu.MansuError, match="unknown prompt variant"):
+        prompt_variants(cities, ["trim9"])
+    with pytest.raises(mansu.MansuError, match="unknown prompt variant"):
+        mansu.MansuConfig(forget_variants=("paraphrase",))
 
 
 def test_encode_masks_prompt_and_padding(tokenizer):

@@ -214,6 +214,7 @@ def test_converged_needs_every_exam_format_and_no_ptq_gap(tokenizer, capitals):
     assert record["forget_acc_q4_0"] == q4_0  # each exam format scored on a copy, and recorded
     assert passed == (q4_0 <= 0.3 and record.get("forget_acc_fp4", 1.0) <= q4_0)
     assert ("forget_acc_fp4" in record) == (q4_0 <= 0.3)  # the exam stops at the first failure
+    assert editor.exam_format == (None if passed else "q4_0" if q4_0 > 0.3 else "fp4")  # the next rounds read it
 
 
 def test_a_round_past_a_guard_gives_back_its_weaker_half_first(tokenizer, capitals):
@@ -249,21 +250,30 @@ def test_npo_fades_on_what_the_deployed_model_still_knows(tokenizer, capitals):
     assert any(not torch.allclose(grads["other twin"][n], g, rtol=1e-3) for n, g in grads["full"].items())
 
 
-def test_a_failed_exam_keeps_npo_pushing_what_that_format_still_knows(tokenizer, capitals):
-    """Plain NPO (saturate_on='full') stops pushing items full precision forgot; once an exam format failed, its
-    reading sets the fading: at the reference log-prob the weight is 1/2, and NPO's gradient is gradient ascent's."""
+def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals):
+    """Once an exam format failed, the forget gradient is full precision's plus the same objective's on a copy in
+    that format (straight through its rounding); NPO on the copy fades on the copy's own reading."""
+    from mansu.methods import forget_loss
+
     forget_batch, retain_batch = encode_items(tokenizer, capitals[:4]), encode_items(tokenizer, capitals[10:14])
-    grads = {}
-    for objective in ("npo", "ga"):
-        editor = random_editor("llama", tokenizer, capitals, objective=objective, saturate_on="full")
-        with torch.no_grad():
-            ref = mansu.answer_logprob(editor.model, forget_batch) + 30.0  # full precision forgot every item
-        grads[objective] = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
-        editor.exam_logprob = ref.clone()  # the failed format knows them as the original did
-        grads[objective + " after exam"] = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
-    for name, g in grads["ga"].items():
-        assert grads["npo"][name].abs().max() < 1e-9 * g.abs().max()  # faded: nothing left to push
-        assert torch.allclose(grads["npo after exam"][name], g, rtol=1e-4, atol=1e-7)
+    editor = random_editor("llama", tokenizer, capitals, objective="npo", saturate_on="full")
+    with torch.no_grad():
+        ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
+    alone = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
+    editor.exam_format = "fp4"
+    joined, _, directions, losses = editor.gradients(forget_batch, retain_batch, ref, 1)
+    copy_ = mansu.quantized_copy(editor.model, "fp4")
+    params = dict(copy_.named_parameters())
+    forget_loss(copy_, forget_batch, "npo", ref, editor.config.npo_beta).backward()
+    for name, g in alone.items():
+        expected = g + params[name].grad[editor.mask[name]]
+        assert torch.allclose(joined[name], expected, rtol=1e-4, atol=1e-7)
+        assert torch.allclose(directions[name], -expected, rtol=1e-4, atol=1e-7)  # no projector here
+    assert any(not torch.allclose(joined[n], g, rtol=1e-3) for n, g in alone.items())
+    with torch.no_grad():
+        exam_loss = float(forget_loss(copy_, forget_batch, "npo", ref, editor.config.npo_beta))
+    assert losses["forget_loss_exam"] == pytest.approx(exam_loss, rel=1e-5)
+    assert all(p.grad is None for n, p in editor.params.items())  # the model's own gradients are left untouched
 
 
 def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer, capitals):
@@ -296,3 +306,27 @@ def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer
                                for b in (over_choices, encode_forget(tokenizer, forget, "answer"))])
     assert losses[1][0] == pytest.approx(losses[0][0], abs=1e-4)  # over choices: unchanged
     assert losses[1][1] < losses[0][1] - 1.0  # the answer's own log-prob falls with the shift
+
+
+def test_variants_join_the_forget_objective_and_the_stop_reads_the_items(tokenizer, capitals, monkeypatch):
+    import mansu.editor as editor_module
+
+    editor = random_editor("llama", tokenizer, capitals, max_rounds=1, exam_formats=())
+    forget, variants = capitals[:3], mansu.data.prompt_variants(capitals[:3], ["quoted"])
+    seen = {"scored": []}
+    encode, knowledge = editor_module.encode_forget, editor_module.knowledge
+
+    def encode_spy(tok, items, mode):
+        seen["objective"] = list(items)
+        return encode(tok, items, mode)
+
+    def knowledge_spy(model, tok, items):
+        seen["scored"].append(list(items))
+        return knowledge(model, tok, items)
+
+    monkeypatch.setattr(editor_module, "encode_forget", encode_spy)
+    monkeypatch.setattr(editor_module, "knowledge", knowledge_spy)
+    rounds, _, _ = editor.run(tokenizer, forget, capitals[10:20], variants=variants)
+    assert seen["objective"] == [*forget, *variants] and len(variants) == 3
+    assert seen["scored"] and all(items == forget for items in seen["scored"])
+    assert rounds[0]["moves"] > 0

@@ -56,6 +56,32 @@ def test_unlearn_lowers_the_forget_likelihood(tokenizer):
         assert answer_logprob(model, batch).mean() < start
 
 
+def test_forget_variants_join_the_circuit_search_and_the_forget_objective(tokenizer, monkeypatch):
+    """`forget_variants`: attribution and the rounds' forget objective read every generated wording too; the
+    stopping rule reads the items asked for."""
+    from conftest import make_tiny
+    from mansu.editor import Editor
+
+    seen = {}
+    attribute, run = mansu.pipeline.attribute_circuit, Editor.run
+
+    def attribution(model, tok, forget, *args):
+        seen["attribution"] = forget
+        return attribute(model, tok, forget, *args)
+
+    def rounds(editor, tok, forget, retain, grow, callback, variants):
+        seen["stop"], seen["objective"] = forget, [*forget, *variants]
+        return run(editor, tok, forget, retain, grow, callback, variants)
+
+    monkeypatch.setattr(mansu.pipeline, "attribute_circuit", attribution)
+    monkeypatch.setattr(Editor, "run", rounds)
+    result = mansu.unlearn(make_tiny("llama", tokenizer), tokenizer, FORGET, RETAIN,
+                           small_config(forget_variants=("trim1", "quoted"), max_rounds=1))
+    expected = [*FORGET, *mansu.data.prompt_variants(FORGET, ["trim1", "quoted"])]
+    assert len(expected) == 3 * len(FORGET) and seen["attribution"] == seen["objective"] == expected
+    assert seen["stop"] == FORGET and result.config["forget_variants"] == ("trim1", "quoted")
+
+
 def test_config_and_input_errors(tokenizer):
     with pytest.raises(mansu.MansuError, match="objective"):
         mansu.MansuConfig(objective="dpo")

@@ -226,6 +226,41 @@ def train_on_paraphrases(items: Sequence[Item], n: int) -> list[Item]:
     return kept + [Item(p, it.answer, it.choices) for it in items for p in it.paraphrases[:n]]
 
 
+# Rewordings of a forget item's prompt that need no paraphrase from the user: an edit trained on the exact prompt
+# alone can be tied to it (cross-cities-5: 0.90 of held-out paraphrases still answered, docs/method.md).
+VARIANTS = ("trim1", "trim2", "quoted", "fact")
+
+
+def prompt_variants(items: Sequence[Item], kinds: Sequence[str], avoid: Sequence[Item] = ()) -> list[Item]:
+    """Each item asked in each generated wording of `kinds` (same answer and choices), less any wording that
+    repeats a prompt of `items` or `avoid` (e.g. the retain set). "trimN" drops the prompt's first N words where
+    another item starts with the same N words (a shared template, so the words that name the fact stay: "The
+    city of Munich is in" -> "of Munich is in", never "Kenya is a country in" -> "a country in"); "quoted" asks
+    it as 'Q: Complete: "<prompt> ..."\nA:'; "fact" as "Fact: <prompt>"."""
+    unknown = sorted(set(kinds) - set(VARIANTS))
+    if unknown:
+        raise MansuError(f"unknown prompt variant(s) {unknown}; choose from {list(VARIANTS)}")
+    words = [it.prompt.split(" ") for it in items]
+    seen = {it.prompt.strip() for it in [*items, *avoid]}
+    out = []
+    for i, it in enumerate(items):
+        for kind in kinds:
+            if kind == "quoted":
+                prompt = f'Q: Complete: "{it.prompt.strip()} ..."\nA:'
+            elif kind == "fact":
+                prompt = f"Fact: {it.prompt}"
+            else:
+                n = int(kind.removeprefix("trim"))
+                shared = any(j != i and w[:n] == words[i][:n] for j, w in enumerate(words))
+                if not shared or len(words[i]) <= n + 1:  # a variant keeps at least two words
+                    continue
+                prompt = " ".join(words[i][n:])
+            if prompt.strip() not in seen:
+                seen.add(prompt.strip())
+                out.append(Item(prompt, it.answer, it.choices))
+    return out
+
+
 @dataclass
 class Batch:
     """Right-padded token ids; `target_mask[b, t]` marks positions whose next token is an answer token."""

@@ -3,9 +3,10 @@
 Each round:
 1. gradients of the forget objective and of the retain NLL, separately, on the circuit's weights only (NPO by
    default, whose per-item push fades once an item is forgotten, read in full precision, or on the twin with
-   `saturate_on="quantized"`, and in the last failed exam format: an item a deployed format still knows keeps
-   being pushed;
-   `forget_on="choices"` lowers the true choice's probability among the item's choices, not the answer's own);
+   `saturate_on="quantized"`; `forget_on="choices"` lowers the true choice's probability among the item's
+   choices, not the answer's own). Once an exam format failed, the same objective on a fresh copy in that format
+   adds its gradient (straight through the rounding): what that format still knows is pushed there, and fades
+   there once it forgot;
 2. every unmoved circuit weight's candidate move: to the neighbouring quantization level in the direction
    of the projected forget descent (so it crosses a bin by construction);
 3. score = (forget benefit - retain_weight * retain harm) / (Fisher cost + smoothing): first-order forget
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .data import Batch, Item, encode_items, load_anchor
 from .errors import MansuError
-from .evaluation import ChoiceBatch, answer_logprob, encode_forget, evaluate, fact_logprob
+from .evaluation import answer_logprob, encode_forget, evaluate, fact_logprob
 from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
 from .floor import floor_targets
 from .methods import RoundCallback, check_finite, forget_loss, retain_loss
@@ -69,7 +70,7 @@ class Editor:
         if guide is not None:
             self.set_guide(guide)
         self.spent = 0.0  # Fisher cost of the edits kept so far
-        self.exam_logprob: torch.Tensor | None = None  # the forget answers' log-probs in the last failed exam format
+        self.exam_format: str | None = None  # the last exam's failing format, while it fails
         self.edits_per_round = config.edits_per_round
         # The deployed model, kept in step with the edit: only the blocks an edit touches are re-quantized.
         self.quantized = quantized_copy(model, config.format)
@@ -144,57 +145,68 @@ class Editor:
         """Flat forget and retain gradients of the circuit's weights (two backward passes: the two must not
         mix), the projected forget descent direction, and the two losses."""
         forget_grads, retain_grads, directions = {}, {}, {}
+        exam_grads: Flat = {}
 
         def take_forget(name: str, grad: torch.Tensor) -> None:
             m = self.mask[name]
-            forget_grads[name] = grad[m].float()
+            flat = grad[m].float()  # fp32: neither the projection nor the scores round to bf16
+            if name in exam_grads:
+                flat += exam_grads.pop(name)
+            forget_grads[name] = flat
             if self.guide is not None:  # the direction is given: nothing to project
                 directions[name] = self.guide[name]
                 return
-            step_dir = -grad.float() * m  # fp32: neither the projection nor the scores round to bf16
+            step_dir = self.dense(name, -flat)
             if self.projector is not None:
                 step_dir = self.projector.apply({name: step_dir})[name]
             directions[name] = step_dir[m]
+
+        def take_exam(name: str, grad: torch.Tensor) -> None:
+            exam_grads[name] = grad[self.mask[name]].float()
 
         def take_retain(name: str, grad: torch.Tensor) -> None:
             retain_grads[name] = grad[self.mask[name]].float()
 
         cfg = self.config
 
-        def forget_objective() -> torch.Tensor:
-            if cfg.objective != "npo" or (cfg.saturate_on == "full" and self.exam_logprob is None):
-                return forget_loss(self.model, forget_batch, cfg.objective, ref, cfg.npo_beta)
-            # NPO's gradient, 2 sigmoid(beta (logp - ref)) dlogp, with its fading read on the quantized twin
-            # (saturate_on="quantized") or on full precision, and on the last exam's failing format: an item full
-            # precision forgot but a deployed model still knows keeps its weight. Without the exam's reading the
-            # weights vanish once full precision forgot, and the rounds move noise (cross-capitals-20: 12 rounds of
-            # 5,000 moves at a forget loss of 0.001 or less, fp4 at 0.20, utility falling).
+        def forget_objective(model: torch.nn.Module) -> torch.Tensor:
+            if cfg.objective != "npo" or cfg.saturate_on == "full" or model is not self.model:
+                return forget_loss(model, forget_batch, cfg.objective, ref, cfg.npo_beta)
+            # NPO's gradient, 2 sigmoid(beta (logp - ref)) dlogp, with its fading read on the quantized twin.
             logprob = fact_logprob(self.model, forget_batch)
-            with torch.no_grad():  # full precision's reading is the forward above, not a second one
-                deployed = fact_logprob(self.quantized, forget_batch) if cfg.saturate_on == "quantized" \
-                    else logprob.detach()
-                if self.exam_logprob is not None:
-                    deployed = torch.maximum(deployed, self.exam_logprob.to(deployed.device))
+            with torch.no_grad():
+                deployed = fact_logprob(self.quantized, forget_batch)
                 weight = torch.sigmoid(cfg.npo_beta * (deployed - ref.to(deployed.device)))
             return 2.0 * (weight.to(logprob.device) * logprob).mean()
 
-        losses = {"forget_loss": self._backward(forget_objective, take_forget, step),
-                  "retain_nll": self._backward(lambda: retain_loss(self.model, retain_batch), take_retain, step)}
+        losses = {}
+        if self.exam_format is not None:
+            # The failing format's own gradient, read on a copy of the model as it is now, straight through its
+            # rounding: pushing full precision alone let it sink to -22 nats while fp4 kept 0.3 of the forget set
+            # (cross-capitals-20); NPO on the copy also stops pushing an item once that format forgot it.
+            exam = quantized_copy(self.model, self.exam_format)
+            losses["forget_loss_exam"] = self._backward(lambda: forget_objective(exam), take_exam, step,
+                                                        dict(exam.named_parameters()))
+            del exam
+        losses |= {"forget_loss": self._backward(lambda: forget_objective(self.model), take_forget, step),
+                   "retain_nll": self._backward(lambda: retain_loss(self.model, retain_batch), take_retain, step)}
         return forget_grads, retain_grads, directions, losses
 
     def _backward(self, loss_fn: Callable[[], torch.Tensor], take: Callable[[str, torch.Tensor], None],
-                  step: int) -> float:
-        """Backward of `loss_fn()` with only the circuit's weights taking gradients, each handed to `take`."""
-        flags = {n: p.requires_grad for n, p in self.params.items()}
+                  step: int, params: dict[str, torch.nn.Parameter] | None = None) -> float:
+        """Backward of `loss_fn()` with only the circuit's weights (of `params`: the model's by default) taking
+        gradients, each handed to `take`."""
+        params = self.params if params is None else params
+        flags = {n: p.requires_grad for n, p in params.items()}
         try:
-            for n, p in self.params.items():
+            for n, p in params.items():
                 p.requires_grad_(n in self.mask)  # backward skips the weight gradients of everything else
-            with masked_grad_hooks({n: self.params[n] for n in self.mask}, take):
+            with masked_grad_hooks({n: params[n] for n in self.mask}, take):
                 loss = loss_fn()
                 check_finite(loss, step)
                 loss.backward()
         finally:
-            for n, p in self.params.items():
+            for n, p in params.items():
                 p.requires_grad_(flags[n])
         return loss.item()
 
@@ -284,14 +296,15 @@ class Editor:
     # ------------------------------------------------------------------ the loop
 
     def run(self, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
-            grow: Callable[["Editor"], bool] | None = None, callback: RoundCallback | None = None
-            ) -> tuple[list[dict[str, Any]], bool, str]:
+            grow: Callable[["Editor"], bool] | None = None, callback: RoundCallback | None = None,
+            variants: Sequence[Item] = ()) -> tuple[list[dict[str, Any]], bool, str]:
         """Rounds until the forget set is forgotten in full precision, on the twin and in the exam formats (the
-        rounds, converged, and why it stopped). On a stall, `grow(editor)` may extend the circuit; False when it
-        cannot. `callback(record)` sees each round; a true return stops the run."""
+        rounds, converged, and why it stopped). `variants` (rewordings of the forget items) join the forget
+        objective, not the stopping rule: it reads the items asked for. On a stall, `grow(editor)` may extend the
+        circuit; False when it cannot. `callback(record)` sees each round; a true return stops the run."""
         cfg = self.config
         rng = random.Random(cfg.seed)
-        forget_batch = encode_forget(tokenizer, forget, cfg.forget_on)
+        forget_batch = encode_forget(tokenizer, [*forget, *variants], cfg.forget_on)
         guard_items = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
         guard_batch = encode_items(tokenizer, guard_items)
         with torch.no_grad():
@@ -334,7 +347,7 @@ class Editor:
             rounds.append(record)
             bar.set_postfix(full=full.score, quant=quant.score, edited=record["edited"])
             stop = callback is not None and bool(callback(record))
-            if self.forgotten(full, quant.score) and self.passes_exam(tokenizer, forget, full, record, forget_batch):
+            if self.forgotten(full, quant.score) and self.passes_exam(tokenizer, forget, full, record):
                 return rounds, True, "converged"
             if stop:
                 return rounds, False, "callback"
@@ -376,21 +389,18 @@ class Editor:
         within = max(full.score, score) <= self.config.target_forget_acc
         return within and (score <= full.score or not self.config.stop_on_gap)
 
-    def passes_exam(self, tokenizer, forget: Sequence[Item], full: Knowledge, record: dict[str, Any],
-                    forget_batch: Batch | ChoiceBatch | None = None) -> bool:
+    def passes_exam(self, tokenizer, forget: Sequence[Item], full: Knowledge, record: dict[str, Any]) -> bool:
         """The forget set forgotten in a copy of the model in each exam format, each recorded; stops at a failure,
-        whose forget log-probs (`fact_logprob` of `forget_batch`) the next rounds' NPO fading reads."""
+        whose format the next rounds' forget gradient also reads (see `gradients`)."""
+        self.exam_format = None
         for fmt in self.config.exam_formats:
             copy_ = quantized_copy(self.model, fmt)
             score = knowledge(copy_, tokenizer, forget).score
+            del copy_
             record[f"forget_acc_{fmt}"] = score
             if not self.forgotten(full, score):
-                if forget_batch is not None:
-                    with torch.no_grad():
-                        self.exam_logprob = fact_logprob(copy_, forget_batch)
+                self.exam_format = fmt
                 return False
-            del copy_
-        self.exam_logprob = None
         return True
 
     def certify(self) -> Certificate:

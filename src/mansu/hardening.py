@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .config import check_types, from_dict
-from .data import Item, check_disjoint
+from .data import Item, check_disjoint, prompt_variants
 from .editor import Editor
 from .errors import MansuError
 from .fisher import Mask, diagonal_fisher
@@ -116,6 +116,7 @@ def harden(model: torch.nn.Module, original: Any, tokenizer, forget: Sequence[It
         raise MansuError("hardening needs a non-empty forget set and a non-empty retain set")
     check_disjoint(forget=forget, retain=retain)
     edit = config.edit  # its seed draws the rounds' retain samples (a local generator: the global RNG is left alone)
+    variants = prompt_variants(forget, edit.forget_variants, avoid=retain)
     timing: dict[str, float] = {}
     tick = time.perf_counter()
 
@@ -148,7 +149,7 @@ def harden(model: torch.nn.Module, original: Any, tokenizer, forget: Sequence[It
             editor.set_guide(wider_guide)
         return True
 
-    rounds, converged, reason = editor.run(tokenizer, forget, retain, grow)
+    rounds, converged, reason = editor.run(tokenizer, forget, retain, grow, variants=variants)
     if not converged:
         reached = fractions[-1] if config.growths else config.top_fraction
         reason += (f": the guide's top {reached:g} of weights did not reach forget accuracy "

@@ -1,5 +1,7 @@
 """`unlearn`: the MANSU pipeline as readable steps, and the one entry point for the baselines too.
 
+0. with `forget_variants`, generated rewordings of each forget item (mansu.data.prompt_variants) join steps 1
+   and 3's forget objective; the stopping rule reads the items themselves
 1. attribute the forget circuit (EAP-IG)            -> only its parameters may move
 2. diagonal Fisher and null-space projectors on the retain set
 3. rounds (mansu.editor): every candidate weight moves to the neighbouring NF4 level in the projected forget
@@ -21,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .attribution import Circuit, CircuitConfig, attribute_circuit
-from .data import Item, check_disjoint, load_anchor
+from .data import VARIANTS, Item, check_disjoint, load_anchor, prompt_variants
 from .config import check_types, from_dict
 from .editor import Editor
 from .errors import MansuError
@@ -38,6 +40,9 @@ class MansuConfig:
     """MANSU: circuit-restricted, Fisher-bounded, null-space-projected, NF4-floored unlearning."""
 
     objective: str = "npo"  # forget objective: "npo" (saturates once an item is forgotten) or "ga"
+    forget_variants: tuple[str, ...] = VARIANTS  # generated rewordings of each forget item the circuit search and
+    # the forget objective also read (mansu.data.prompt_variants), so the edit is not tied to one wording (held-out
+    # paraphrases, docs/method.md); (): the items alone
     forget_on: str = "choices"  # the log-prob it lowers: the true choice's among the item's "choices" (what the
     # test reads: lowering every answer of a kind alike, as on same-currencies-10, earns nothing), or the "answer"'s
     # own (items without choices always use it)
@@ -112,6 +117,8 @@ class MansuConfig:
         if self.backtracks < 0:
             raise MansuError(f"backtracks must be >= 0, got {self.backtracks}")
         self.exam_formats = tuple(self.exam_formats)
+        self.forget_variants = tuple(self.forget_variants)
+        prompt_variants([], self.forget_variants)  # an unknown kind fails here
         for name in self.exam_formats:
             get_format(name)  # an unknown format fails here, not after the edit
         if not 0 <= self.min_progress < 1:
@@ -162,13 +169,14 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
         raise MansuError(f"config must be a MansuConfig or BaselineConfig, got {type(config).__name__}")
     timing: dict[str, float] = {}
     tick = time.perf_counter()
+    variants = prompt_variants(forget, config.forget_variants, avoid=retain)
 
     layout = quantized_weights(model)
     require_loaded(model, layout)  # the quantized twin and the edit need every quantized weight in memory
 
     # The retain attribution only penalises components: a sample of the retain set is enough for it.
     sample = random.Random(config.seed).sample(list(retain), min(config.attribution_retain, len(retain)))
-    circuit = attribute_circuit(model, tokenizer, forget, sample, config.circuit)
+    circuit = attribute_circuit(model, tokenizer, [*forget, *variants], sample, config.circuit)
     mask = {n: m for n, m in circuit.mask(model).items() if m.any() and n in layout}
     if not mask:
         raise MansuError("the circuit selected no quantized weight to edit; raise circuit.mass or top_k")
@@ -188,7 +196,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
         if growths >= config.max_growths or wider is None:
             return False
         growths += 1
-        found = attribute_circuit(model, tokenizer, forget, sample, wider).mask(model)
+        found = attribute_circuit(model, tokenizer, [*forget, *variants], sample, wider).mask(model)
         grown = union_masks(editor.mask, {n: m for n, m in found.items() if n in layout})
         if sum(int(m.sum()) for m in grown.values()) == editor.circuit_params():
             return False
@@ -196,7 +204,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
         return True
 
     rounds, converged, reason = editor.run(tokenizer, forget, retain, grow if config.grow_mass > 0 else None,
-                                           callback)
+                                           callback, variants)
     timing["edit"], tick = time.perf_counter() - tick, time.perf_counter()
 
     certificate = editor.certify()
