@@ -53,7 +53,7 @@ def test_the_quantized_twin_is_exactly_the_quantized_edited_model(tokenizer, cap
     editor = random_editor(arch, tokenizer, capitals, dtype=dtype, format=fmt, objective="ga")
     forget_batch, retain_batch = encode_items(tokenizer, capitals[:4]), encode_items(tokenizer, capitals[10:14])
     for step in (1, 2):
-        forget_grads, retain_grads, directions, _ = editor.gradients(forget_batch, retain_batch, None, step)
+        forget_grads, retain_grads, directions, _ = editor.gradients([(forget_batch, None)], retain_batch, step)
         moves = editor.propose(forget_grads, retain_grads, directions)
         assert moves
         editor.apply(moves)
@@ -241,10 +241,10 @@ def test_npo_fades_on_what_the_deployed_model_still_knows(tokenizer, capitals):
         with torch.no_grad():
             ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
         editor.quantized = editor.model  # a twin that is the model itself
-        grads[saturate_on] = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
+        grads[saturate_on] = editor.gradients([(forget_batch, ref)], retain_batch, 1)[0]
         if saturate_on == "quantized":
             editor.quantized = make_tiny("llama", tokenizer, seed=1)  # a twin that knows other things
-            grads["other twin"] = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
+            grads["other twin"] = editor.gradients([(forget_batch, ref)], retain_batch, 1)[0]
     for name, g in grads["full"].items():
         assert torch.allclose(grads["quantized"][name], g, rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(grads["other twin"][n], g, rtol=1e-3) for n, g in grads["full"].items())
@@ -259,9 +259,9 @@ def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals):
     editor = random_editor("llama", tokenizer, capitals, objective="npo", saturate_on="full")
     with torch.no_grad():
         ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
-    alone = editor.gradients(forget_batch, retain_batch, ref, 1)[0]
+    alone = editor.gradients([(forget_batch, ref)], retain_batch, 1)[0]
     editor.exam_format = "fp4"
-    joined, _, directions, losses = editor.gradients(forget_batch, retain_batch, ref, 1)
+    joined, _, directions, losses = editor.gradients([(forget_batch, ref)], retain_batch, 1)
     copy_ = mansu.quantized_copy(editor.model, "fp4")
     params = dict(copy_.named_parameters())
     forget_loss(copy_, forget_batch, "npo", ref, editor.config.npo_beta).backward()
@@ -290,8 +290,8 @@ def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer
     editor = random_editor("llama", tokenizer, capitals, objective="ga", forget_on="choices")
     over_choices = encode_forget(tokenizer, forget, "choices")
     retain_batch = encode_items(tokenizer, capitals[10:14])
-    by_choice = editor.gradients(over_choices, retain_batch, None, 1)[0]
-    by_answer = editor.gradients(encode_forget(tokenizer, forget, "answer"), retain_batch, None, 1)[0]
+    by_choice = editor.gradients([(over_choices, None)], retain_batch, 1)[0]
+    by_answer = editor.gradients([(encode_forget(tokenizer, forget, "answer"), None)], retain_batch, 1)[0]
     assert any(not torch.allclose(by_choice[n], g, rtol=1e-3) for n, g in by_answer.items())
     head = editor.model.get_output_embeddings()
     first = {tokenizer(" " + c, add_special_tokens=False).input_ids[0] for it in forget for c in it.choices}
@@ -330,3 +330,24 @@ def test_variants_join_the_forget_objective_and_the_stop_reads_the_items(tokeniz
     assert seen["objective"] == [*forget, *variants] and len(variants) == 3
     assert seen["scored"] and all(items == forget for items in seen["scored"])
     assert rounds[0]["moves"] > 0
+
+
+@pytest.mark.parametrize("forget_on", ["choices", "answer"])
+def test_the_forget_gradient_in_chunks_is_the_gradient_of_the_whole_set(tokenizer, capitals, forget_on):
+    """The forget set runs forward and backward a chunk at a time (memory), for the same mean objective."""
+    from mansu.evaluation import encode_forget, fact_logprob
+
+    editor = random_editor("llama", tokenizer, capitals, forget_on=forget_on)
+    retain_batch = encode_items(tokenizer, capitals[10:14])
+    parts = [capitals[:2], capitals[2:5]]
+    chunks = []
+    for part in (capitals[:5], *parts):
+        batch = encode_forget(tokenizer, part, forget_on)
+        with torch.no_grad():
+            chunks.append((batch, fact_logprob(editor.model, batch) + 0.3))
+    whole = editor.gradients(chunks[:1], retain_batch, 1)
+    split_ = editor.gradients(chunks[1:], retain_batch, 1)
+    for name, g in whole[0].items():
+        assert torch.allclose(split_[0][name], g, rtol=1e-4, atol=1e-7)
+        assert torch.allclose(split_[2][name], whole[2][name], rtol=1e-4, atol=1e-7)
+    assert split_[3]["forget_loss"] == pytest.approx(whole[3]["forget_loss"], rel=1e-5)

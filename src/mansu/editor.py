@@ -25,6 +25,7 @@ Memory follows the circuit: per circuit tensor every vector is flat over its mas
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .data import Batch, Item, encode_items, load_anchor
 from .errors import MansuError
-from .evaluation import answer_logprob, encode_forget, evaluate, fact_logprob
+from .evaluation import ChoiceBatch, answer_logprob, encode_forget, evaluate, fact_logprob
 from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
 from .floor import floor_targets
 from .methods import RoundCallback, check_finite, forget_loss, retain_loss
@@ -45,6 +46,10 @@ from .quant import (Certificate, bin_geometry, block_absmax, block_scales, check
                     keeps_tail, quantized_copy, quantized_layout, to_blocks)
 
 Flat = dict[str, torch.Tensor]  # per circuit tensor, a vector over its mask's entries
+Chunk = tuple[Batch | ChoiceBatch, torch.Tensor | None]  # some forget items' batch, and (NPO) their reference log-probs
+# Forget items per forward and backward, so memory follows this, not the forget set: with four variants and four
+# choices, 20 items are 400 rows (one pass of cross-capitals-20 took 12 GB and was killed on a 24 GB machine).
+FORGET_CHUNK = 16
 
 
 class Editor:
@@ -140,75 +145,77 @@ class Editor:
 
     # ------------------------------------------------------------------ one round
 
-    def gradients(self, forget_batch, retain_batch, ref: torch.Tensor | None, step: int
+    def gradients(self, forget: Sequence[Chunk], retain_batch: Batch, step: int
                   ) -> tuple[Flat, Flat, Flat, dict[str, float]]:
-        """Flat forget and retain gradients of the circuit's weights (two backward passes: the two must not
-        mix), the projected forget descent direction, and the two losses."""
-        forget_grads, retain_grads, directions = {}, {}, {}
-        exam_grads: Flat = {}
-
-        def take_forget(name: str, grad: torch.Tensor) -> None:
-            m = self.mask[name]
-            flat = grad[m].float()  # fp32: neither the projection nor the scores round to bf16
-            if name in exam_grads:
-                flat += exam_grads.pop(name)
-            forget_grads[name] = flat
-            if self.guide is not None:  # the direction is given: nothing to project
-                directions[name] = self.guide[name]
-                return
-            step_dir = self.dense(name, -flat)
-            if self.projector is not None:
-                step_dir = self.projector.apply({name: step_dir})[name]
-            directions[name] = step_dir[m]
-
-        def take_exam(name: str, grad: torch.Tensor) -> None:
-            exam_grads[name] = grad[self.mask[name]].float()
-
-        def take_retain(name: str, grad: torch.Tensor) -> None:
-            retain_grads[name] = grad[self.mask[name]].float()
-
+        """Flat forget and retain gradients of the circuit's weights (separate backward passes: the two must not
+        mix), the projected forget descent direction, and the losses. `forget`: the forget set's chunks, each a
+        batch and (NPO) its items' reference log-probs; the objective is the mean over all their items."""
         cfg = self.config
+        total = sum(_items(batch) for batch, _ in forget)
 
-        def forget_objective(model: torch.nn.Module) -> torch.Tensor:
+        def forget_objective(model: torch.nn.Module, batch, ref: torch.Tensor | None) -> torch.Tensor:
+            share = _items(batch) / total  # the chunks' losses add up to the mean over every item
             if cfg.objective != "npo" or cfg.saturate_on == "full" or model is not self.model:
-                return forget_loss(model, forget_batch, cfg.objective, ref, cfg.npo_beta)
+                return share * forget_loss(model, batch, cfg.objective, ref, cfg.npo_beta)
             # NPO's gradient, 2 sigmoid(beta (logp - ref)) dlogp, with its fading read on the quantized twin.
-            logprob = fact_logprob(self.model, forget_batch)
+            logprob = fact_logprob(self.model, batch)
             with torch.no_grad():
-                deployed = fact_logprob(self.quantized, forget_batch)
+                deployed = fact_logprob(self.quantized, batch)
                 weight = torch.sigmoid(cfg.npo_beta * (deployed - ref.to(deployed.device)))
-            return 2.0 * (weight.to(logprob.device) * logprob).mean()
+            return share * 2.0 * (weight.to(logprob.device) * logprob).mean()
 
-        losses = {}
+        def passes(model: torch.nn.Module) -> list[Callable[[], torch.Tensor]]:
+            return [functools.partial(forget_objective, model, batch, ref) for batch, ref in forget]
+
+        forget_grads, retain_grads, exam_grads, losses = {}, {}, {}, {}
         if self.exam_format is not None:
             # The failing format's own gradient, read on a copy of the model as it is now, straight through its
             # rounding: pushing full precision alone let it sink to -22 nats while fp4 kept 0.3 of the forget set
             # (cross-capitals-20); NPO on the copy also stops pushing an item once that format forgot it.
             exam = quantized_copy(self.model, self.exam_format)
-            losses["forget_loss_exam"] = self._backward(lambda: forget_objective(exam), take_exam, step,
-                                                        dict(exam.named_parameters()))
+            losses["forget_loss_exam"] = self._backward(passes(exam), exam_grads, step, dict(exam.named_parameters()))
             del exam
-        losses |= {"forget_loss": self._backward(lambda: forget_objective(self.model), take_forget, step),
-                   "retain_nll": self._backward(lambda: retain_loss(self.model, retain_batch), take_retain, step)}
-        return forget_grads, retain_grads, directions, losses
+        losses["forget_loss"] = self._backward(passes(self.model), forget_grads, step)
+        losses["retain_nll"] = self._backward([lambda: retain_loss(self.model, retain_batch)], retain_grads, step)
+        for name, g in exam_grads.items():
+            forget_grads[name] += g
+        return forget_grads, retain_grads, {n: self.direction(n, g) for n, g in forget_grads.items()}, losses
 
-    def _backward(self, loss_fn: Callable[[], torch.Tensor], take: Callable[[str, torch.Tensor], None],
-                  step: int, params: dict[str, torch.nn.Parameter] | None = None) -> float:
-        """Backward of `loss_fn()` with only the circuit's weights (of `params`: the model's by default) taking
-        gradients, each handed to `take`."""
+    def direction(self, name: str, forget_grad: torch.Tensor) -> torch.Tensor:
+        """`name`'s flat move direction: the guide's, or the forget descent (projected, with a projector)."""
+        if self.guide is not None:  # the direction is given: nothing to project
+            return self.guide[name]
+        step_dir = self.dense(name, -forget_grad)
+        if self.projector is not None:
+            step_dir = self.projector.apply({name: step_dir})[name]
+        return step_dir[self.mask[name]]
+
+    def _backward(self, losses: Sequence[Callable[[], torch.Tensor]], into: Flat, step: int,
+                  params: dict[str, torch.nn.Parameter] | None = None) -> float:
+        """Backward of each of `losses` in turn (one chunk's graph in memory at a time), with only the circuit's
+        weights (of `params`: the model's by default) taking gradients, summed flat (fp32) into `into`; their
+        summed value."""
         params = self.params if params is None else params
         flags = {n: p.requires_grad for n, p in params.items()}
+
+        def take(name: str, grad: torch.Tensor) -> None:
+            flat = grad[self.mask[name]].float()  # fp32: neither the projection nor the scores round to bf16
+            into[name] = into[name] + flat if name in into else flat
+
+        total = 0.0
         try:
             for n, p in params.items():
                 p.requires_grad_(n in self.mask)  # backward skips the weight gradients of everything else
             with masked_grad_hooks({n: params[n] for n in self.mask}, take):
-                loss = loss_fn()
-                check_finite(loss, step)
-                loss.backward()
+                for loss_fn in losses:
+                    loss = loss_fn()
+                    check_finite(loss, step)
+                    loss.backward()
+                    total += loss.item()
         finally:
             for n, p in params.items():
                 p.requires_grad_(flags[n])
-        return loss.item()
+        return total
 
     @torch.no_grad()
     def propose(self, forget_grads: Flat, retain_grads: Flat, directions: Flat) -> Flat:
@@ -304,11 +311,14 @@ class Editor:
         circuit; False when it cannot. `callback(record)` sees each round; a true return stops the run."""
         cfg = self.config
         rng = random.Random(cfg.seed)
-        forget_batch = encode_forget(tokenizer, [*forget, *variants], cfg.forget_on)
+        items = [*forget, *variants]
         guard_items = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
         guard_batch = encode_items(tokenizer, guard_items)
         with torch.no_grad():
-            ref = fact_logprob(self.model, forget_batch) if cfg.objective == "npo" else None
+            chunks = []
+            for start in range(0, len(items), FORGET_CHUNK):
+                batch = encode_forget(tokenizer, items[start : start + FORGET_CHUNK], cfg.forget_on)
+                chunks.append((batch, fact_logprob(self.model, batch) if cfg.objective == "npo" else None))
             guard_ref = self.nll(guard_batch)
         anchor = Anchor(self, tokenizer, load_anchor(cfg.anchor, forget)) if cfg.anchor_guard is not None else None
         rounds: list[dict[str, Any]] = []
@@ -317,7 +327,7 @@ class Editor:
         for step in bar:
             tick = time.perf_counter()
             retain_batch = encode_items(tokenizer, rng.sample(list(retain), min(cfg.retain_sample, len(retain))))
-            forget_grads, retain_grads, directions, losses = self.gradients(forget_batch, retain_batch, ref, step)
+            forget_grads, retain_grads, directions, losses = self.gradients(chunks, retain_batch, step)
             moves = self.propose(forget_grads, retain_grads, directions)
             record: dict[str, Any] = {"round": step, **losses, "circuit_params": self.circuit_params(),
                                       "moves": _count(moves)}
@@ -434,6 +444,11 @@ class Anchor:
     def drop(self) -> tuple[float, float]:
         """How far each reading fell since the edit began (negative: it rose)."""
         return tuple(before - after for before, after in zip(self.before, self.read()))
+
+
+def _items(batch: Batch | ChoiceBatch) -> int:
+    """How many items `batch` holds (a `ChoiceBatch` has a row per choice)."""
+    return len(batch.groups) if isinstance(batch, ChoiceBatch) else len(batch)
 
 
 def _count(moves: Flat) -> int:
