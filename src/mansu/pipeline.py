@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .attribution import Circuit, CircuitConfig, attribute_circuit
-from .data import VARIANTS, Item, check_disjoint, load_anchor, prompt_variants
+from .data import Item, check_disjoint, load_anchor, prompt_variants
 from .config import check_types, from_dict
 from .editor import Editor
 from .errors import MansuError
@@ -40,9 +40,9 @@ class MansuConfig:
     """MANSU: circuit-restricted, Fisher-bounded, null-space-projected, NF4-floored unlearning."""
 
     objective: str = "npo"  # forget objective: "npo" (saturates once an item is forgotten) or "ga"
-    forget_variants: tuple[str, ...] = VARIANTS  # generated rewordings of each forget item the circuit search and
-    # the forget objective also read (mansu.data.prompt_variants), so the edit is not tied to one wording (held-out
-    # paraphrases, docs/method.md); (): the items alone
+    forget_variants: tuple[str, ...] = ()  # generated rewordings of each forget item (mansu.data.VARIANTS) the
+    # circuit search and the forget objective also read, so the edit is not tied to one wording; not a default:
+    # it cut held-out paraphrases on 2 splits and stalled same-capitals-10 (docs/method.md)
     forget_on: str = "choices"  # the log-prob it lowers: the true choice's among the item's "choices" (what the
     # test reads: lowering every answer of a kind alike, as on same-currencies-10, earns nothing), or the "answer"'s
     # own (items without choices always use it)
