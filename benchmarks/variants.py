@@ -20,16 +20,17 @@ import durability  # noqa: E402  (benchmarks/ is not a package)
 import mansu  # noqa: E402
 from mansu.report import default_utility  # noqa: E402
 
-PREFIXES = {"fact": "Fact: ", "complete": "Complete the sentence.\n", "noise": "It was a quiet morning in the library. "}
+PREFIXES = {"complete": "Complete the sentence.\n", "noise": "It was a quiet morning in the library. "}
 
 
-def reworded(prompt: str, kind: str) -> str:
-    """`prompt` in one rewording: a prefix, its first N words dropped ("dropN", kept whole if under N + 3 words,
-    whether or not the dropped words name the fact), or quoted in a question."""
+def reworded(item: mansu.Item, kind: str) -> str:
+    """`item`'s prompt in one rewording: the library's "quoted" or "fact", a prefix, or its first N words dropped
+    ("dropN", kept whole if under N + 3 words, whether or not the dropped words name the fact)."""
+    if kind in ("quoted", "fact"):
+        return mansu.data.prompt_variants([item], [kind])[0].prompt
+    prompt = item.prompt
     if kind in PREFIXES:
         return PREFIXES[kind] + prompt
-    if kind == "quoted":
-        return f'Q: Complete: "{prompt} ..."\nA:'
     n, words = int(kind.removeprefix("drop")), prompt.split(" ")
     return " ".join(words[n:]) if len(words) > n + 2 else prompt
 
@@ -38,7 +39,7 @@ def main(split_name: str, kinds: list[str], out: str) -> None:
     split = {s.name: s for s in durability.suite()}[split_name]
     forget, retain = split.items()
     utility, _ = default_utility(forget, retain, per_set=20)
-    train = forget + [mansu.Item(reworded(it.prompt, k), it.answer, it.choices) for k in kinds for it in forget]
+    train = forget + [mansu.Item(reworded(it, k), it.answer, it.choices) for k in kinds for it in forget]
     paraphrases = [p for it in forget for p in it.paraphrased()]
     model, tokenizer = mansu.load_model()
 

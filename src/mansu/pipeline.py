@@ -81,7 +81,7 @@ class MansuConfig:
     attribution_retain: int = 16  # retain items whose attribution penalises circuit components
     npo_beta: float = 1.0  # NPO inverse temperature: larger stops pushing forgotten items sooner
     saturate_on: str = "full"  # NPO stops pushing an item once this model forgot it: "quantized" (the twin)
-    # or "full" (plain NPO); either way an item the last failed exam format still knows keeps being pushed
+    # or "full" (plain NPO); either way, while an exam format fails, NPO on a copy in that format also pushes
     seed: int = 0  # the retain samples' draws (a local generator: the caller's global RNG is left as it was)
     progress: bool = True
 
@@ -170,13 +170,14 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     timing: dict[str, float] = {}
     tick = time.perf_counter()
     variants = prompt_variants(forget, config.forget_variants, avoid=retain)
+    searched = [*forget, *variants]  # what attribution reads, at the start and at each growth
 
     layout = quantized_weights(model)
     require_loaded(model, layout)  # the quantized twin and the edit need every quantized weight in memory
 
     # The retain attribution only penalises components: a sample of the retain set is enough for it.
     sample = random.Random(config.seed).sample(list(retain), min(config.attribution_retain, len(retain)))
-    circuit = attribute_circuit(model, tokenizer, [*forget, *variants], sample, config.circuit)
+    circuit = attribute_circuit(model, tokenizer, searched, sample, config.circuit)
     mask = {n: m for n, m in circuit.mask(model).items() if m.any() and n in layout}
     if not mask:
         raise MansuError("the circuit selected no quantized weight to edit; raise circuit.mass or top_k")
@@ -196,7 +197,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
         if growths >= config.max_growths or wider is None:
             return False
         growths += 1
-        found = attribute_circuit(model, tokenizer, [*forget, *variants], sample, wider).mask(model)
+        found = attribute_circuit(model, tokenizer, searched, sample, wider).mask(model)
         grown = union_masks(editor.mask, {n: m for n, m in found.items() if n in layout})
         if sum(int(m.sum()) for m in grown.values()) == editor.circuit_params():
             return False
