@@ -53,7 +53,7 @@ def test_the_quantized_twin_is_exactly_the_quantized_edited_model(tokenizer, cap
     editor = random_editor(arch, tokenizer, capitals, dtype=dtype, format=fmt, objective="ga")
     forget_batch, retain_batch = encode_items(tokenizer, capitals[:4]), encode_items(tokenizer, capitals[10:14])
     for step in (1, 2):
-        forget_grads, retain_grads, directions, _ = editor.gradients([(forget_batch, None)], retain_batch, step)
+        forget_grads, retain_grads, directions, _ = editor.gradients([(forget_batch, None, 1.0)], retain_batch, step)
         moves = editor.propose(forget_grads, retain_grads, directions)
         assert moves
         editor.apply(moves)
@@ -241,10 +241,10 @@ def test_npo_fades_on_what_the_deployed_model_still_knows(tokenizer, capitals):
         with torch.no_grad():
             ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
         editor.quantized = editor.model  # a twin that is the model itself
-        grads[saturate_on] = editor.gradients([(forget_batch, ref)], retain_batch, 1)[0]
+        grads[saturate_on] = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)[0]
         if saturate_on == "quantized":
             editor.quantized = make_tiny("llama", tokenizer, seed=1)  # a twin that knows other things
-            grads["other twin"] = editor.gradients([(forget_batch, ref)], retain_batch, 1)[0]
+            grads["other twin"] = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)[0]
     for name, g in grads["full"].items():
         assert torch.allclose(grads["quantized"][name], g, rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(grads["other twin"][n], g, rtol=1e-3) for n, g in grads["full"].items())
@@ -259,9 +259,9 @@ def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals):
     editor = random_editor("llama", tokenizer, capitals, objective="npo", saturate_on="full")
     with torch.no_grad():
         ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
-    alone = editor.gradients([(forget_batch, ref)], retain_batch, 1)[0]
+    alone = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)[0]
     editor.exam_format = "fp4"
-    joined, _, directions, losses = editor.gradients([(forget_batch, ref)], retain_batch, 1)
+    joined, _, directions, losses = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)
     copy_ = mansu.quantized_copy(editor.model, "fp4")
     params = dict(copy_.named_parameters())
     forget_loss(copy_, forget_batch, "npo", ref, editor.config.npo_beta).backward()
@@ -290,8 +290,8 @@ def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer
     editor = random_editor("llama", tokenizer, capitals, objective="ga", forget_on="choices")
     over_choices = encode_forget(tokenizer, forget, "choices")
     retain_batch = encode_items(tokenizer, capitals[10:14])
-    by_choice = editor.gradients([(over_choices, None)], retain_batch, 1)[0]
-    by_answer = editor.gradients([(encode_forget(tokenizer, forget, "answer"), None)], retain_batch, 1)[0]
+    by_choice = editor.gradients([(over_choices, None, 1.0)], retain_batch, 1)[0]
+    by_answer = editor.gradients([(encode_forget(tokenizer, forget, "answer"), None, 1.0)], retain_batch, 1)[0]
     assert any(not torch.allclose(by_choice[n], g, rtol=1e-3) for n, g in by_answer.items())
     head = editor.model.get_output_embeddings()
     first = {tokenizer(" " + c, add_special_tokens=False).input_ids[0] for it in forget for c in it.choices}
@@ -313,11 +313,11 @@ def test_variants_join_the_forget_objective_and_the_stop_reads_the_items(tokeniz
 
     editor = random_editor("llama", tokenizer, capitals, max_rounds=1, exam_formats=())
     forget, variants = capitals[:3], mansu.data.prompt_variants(capitals[:3], ["quoted"])
-    seen = {"scored": []}
+    seen = {"scored": [], "objective": []}
     encode, knowledge = editor_module.encode_forget, editor_module.knowledge
 
     def encode_spy(tok, items, mode):
-        seen["objective"] = list(items)
+        seen["objective"] += items
         return encode(tok, items, mode)
 
     def knowledge_spy(model, tok, items):
@@ -333,21 +333,33 @@ def test_variants_join_the_forget_objective_and_the_stop_reads_the_items(tokeniz
 
 
 @pytest.mark.parametrize("forget_on", ["choices", "answer"])
-def test_the_forget_gradient_in_chunks_is_the_gradient_of_the_whole_set(tokenizer, capitals, forget_on):
+def test_the_forget_gradient_in_chunks_is_the_gradient_of_the_whole_set(tokenizer, capitals, forget_on, monkeypatch):
     """The forget set runs forward and backward a chunk at a time (memory), for the same mean objective."""
-    from mansu.evaluation import encode_forget, fact_logprob
+    import mansu.editor as editor_module
 
     editor = random_editor("llama", tokenizer, capitals, forget_on=forget_on)
     retain_batch = encode_items(tokenizer, capitals[10:14])
-    parts = [capitals[:2], capitals[2:5]]
-    chunks = []
-    for part in (capitals[:5], *parts):
-        batch = encode_forget(tokenizer, part, forget_on)
-        with torch.no_grad():
-            chunks.append((batch, fact_logprob(editor.model, batch) + 0.3))
-    whole = editor.gradients(chunks[:1], retain_batch, 1)
-    split_ = editor.gradients(chunks[1:], retain_batch, 1)
-    for name, g in whole[0].items():
-        assert torch.allclose(split_[0][name], g, rtol=1e-4, atol=1e-7)
-        assert torch.allclose(split_[2][name], whole[2][name], rtol=1e-4, atol=1e-7)
+    whole = editor.gradients(editor.chunks(tokenizer, capitals[:5]), retain_batch, 1)
+    monkeypatch.setattr(editor_module, "FORGET_CHUNK", 2)
+    chunks = editor.chunks(tokenizer, capitals[:5])
+    assert [share for _, _, share in chunks] == [0.4, 0.4, 0.2]
+    split_ = editor.gradients(chunks, retain_batch, 1)
+    for name, g in whole[0].items():  # padding differs by chunk: float noise ~1e-7 on gradients ~1e-1
+        assert torch.allclose(split_[0][name], g, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(split_[2][name], whole[2][name], rtol=1e-4, atol=1e-6)
     assert split_[3]["forget_loss"] == pytest.approx(whole[3]["forget_loss"], rel=1e-5)
+
+
+def test_rewordings_weigh_as_one_mean_beside_the_forget_items_mean(tokenizer, capitals):
+    """With rewordings, the objective is the items' mean plus the rewordings' mean: one mean over both would
+    dilute each item's push by the number of its rewordings."""
+    from mansu.evaluation import encode_forget
+    from mansu.methods import forget_loss
+
+    editor = random_editor("llama", tokenizer, capitals, objective="ga")
+    forget, variants = capitals[:3], mansu.data.prompt_variants(capitals[:3], ["quoted", "fact"])
+    retain_batch = encode_items(tokenizer, capitals[10:14])
+    both = editor.gradients(editor.chunks(tokenizer, forget, variants), retain_batch, 1)[3]["forget_loss"]
+    means = [float(forget_loss(editor.model, encode_forget(tokenizer, group, "choices"), "ga"))
+             for group in (forget, variants)]
+    assert len(variants) == 6 and both == pytest.approx(sum(means), rel=1e-5)

@@ -105,7 +105,7 @@ def test_editor_follows_a_given_guide(tokenizer, capitals):
     guide = {n: torch.randn(params[n].shape) for n in layout}  # dense: flattened over the mask
     editor = Editor(model, mask, layout, fisher, None, replace(FAST, objective="ga"), guide)
     batch = mansu.data.encode_items(tokenizer, capitals[:4])
-    _, _, directions, _ = editor.gradients([(batch, None)], mansu.data.encode_items(tokenizer, capitals[4:8]), 1)
+    _, _, directions, _ = editor.gradients([(batch, None, 1.0)], mansu.data.encode_items(tokenizer, capitals[4:8]), 1)
     for n in layout:
         assert torch.equal(directions[n], guide[n][mask[n]])
 

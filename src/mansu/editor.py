@@ -46,7 +46,8 @@ from .quant import (Certificate, bin_geometry, block_absmax, block_scales, check
                     keeps_tail, quantized_copy, quantized_layout, to_blocks)
 
 Flat = dict[str, torch.Tensor]  # per circuit tensor, a vector over its mask's entries
-Chunk = tuple[Batch | ChoiceBatch, torch.Tensor | None]  # some forget items' batch, and (NPO) their reference log-probs
+# Some forget items' batch, (NPO) their reference log-probs, and their share of the objective
+Chunk = tuple[Batch | ChoiceBatch, torch.Tensor | None, float]
 # Forget items per forward and backward, so memory follows this, not the forget set: with four variants and four
 # choices, 20 items are 400 rows (one pass of cross-capitals-20 took 12 GB and was killed on a 24 GB machine).
 FORGET_CHUNK = 16
@@ -148,13 +149,11 @@ class Editor:
     def gradients(self, forget: Sequence[Chunk], retain_batch: Batch, step: int
                   ) -> tuple[Flat, Flat, Flat, dict[str, float]]:
         """Flat forget and retain gradients of the circuit's weights (separate backward passes: the two must not
-        mix), the projected forget descent direction, and the losses. `forget`: the forget set's chunks, each a
-        batch and (NPO) its items' reference log-probs; the objective is the mean over all their items."""
+        mix), the projected forget descent direction, and the losses. `forget`: the forget objective's chunks
+        (see `Editor.chunks`), each a batch, (NPO) its items' reference log-probs and its share of the objective."""
         cfg = self.config
-        total = sum(_items(batch) for batch, _ in forget)
 
-        def forget_objective(model: torch.nn.Module, batch, ref: torch.Tensor | None) -> torch.Tensor:
-            share = _items(batch) / total  # the chunks' losses add up to the mean over every item
+        def forget_objective(model: torch.nn.Module, batch, ref: torch.Tensor | None, share: float) -> torch.Tensor:
             if cfg.objective != "npo" or cfg.saturate_on == "full" or model is not self.model:
                 return share * forget_loss(model, batch, cfg.objective, ref, cfg.npo_beta)
             # NPO's gradient, 2 sigmoid(beta (logp - ref)) dlogp, with its fading read on the quantized twin.
@@ -165,7 +164,7 @@ class Editor:
             return share * 2.0 * (weight.to(logprob.device) * logprob).mean()
 
         def passes(model: torch.nn.Module) -> list[Callable[[], torch.Tensor]]:
-            return [functools.partial(forget_objective, model, batch, ref) for batch, ref in forget]
+            return [functools.partial(forget_objective, model, *chunk) for chunk in forget]
 
         forget_grads, retain_grads, exam_grads, losses = {}, {}, {}, {}
         if self.exam_format is not None:
@@ -307,18 +306,14 @@ class Editor:
             variants: Sequence[Item] = ()) -> tuple[list[dict[str, Any]], bool, str]:
         """Rounds until the forget set is forgotten in full precision, on the twin and in the exam formats (the
         rounds, converged, and why it stopped). `variants` (rewordings of the forget items) join the forget
-        objective, not the stopping rule: it reads the items asked for. On a stall, `grow(editor)` may extend the
+        objective with a mean of their own (`chunks`), not the stopping rule: it reads the items asked for. On a stall, `grow(editor)` may extend the
         circuit; False when it cannot. `callback(record)` sees each round; a true return stops the run."""
         cfg = self.config
         rng = random.Random(cfg.seed)
-        items = [*forget, *variants]
         guard_items = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
         guard_batch = encode_items(tokenizer, guard_items)
+        chunks = self.chunks(tokenizer, forget, variants)
         with torch.no_grad():
-            chunks = []
-            for start in range(0, len(items), FORGET_CHUNK):
-                batch = encode_forget(tokenizer, items[start : start + FORGET_CHUNK], cfg.forget_on)
-                chunks.append((batch, fact_logprob(self.model, batch) if cfg.objective == "npo" else None))
             guard_ref = self.nll(guard_batch)
         anchor = Anchor(self, tokenizer, load_anchor(cfg.anchor, forget)) if cfg.anchor_guard is not None else None
         rounds: list[dict[str, Any]] = []
@@ -373,6 +368,20 @@ class Editor:
                 best, since_best = math.inf, 0
                 record["grown_to"] = self.circuit_params()
         return rounds, False, "max_rounds"
+
+    @torch.no_grad()
+    def chunks(self, tokenizer, forget: Sequence[Item], variants: Sequence[Item] = ()) -> list[Chunk]:
+        """The forget objective in chunks of `FORGET_CHUNK` items: the mean over the forget items plus the mean
+        over their rewordings. One mean over both diluted each fact's push (with four rewordings each, to a fifth)
+        while its retain harm kept its weight: same-capitals-10 stalled at 0.50 (dur12, docs/method.md)."""
+        out = []
+        for group in (forget, variants):
+            for start in range(0, len(group), FORGET_CHUNK):
+                part = group[start : start + FORGET_CHUNK]
+                batch = encode_forget(tokenizer, part, self.config.forget_on)
+                ref = fact_logprob(self.model, batch) if self.config.objective == "npo" else None
+                out.append((batch, ref, len(part) / len(group)))
+        return out
 
     def guarded(self, batch: Batch, reference: tuple[float, float], anchor: "Anchor | None",
                 record: dict[str, Any]) -> bool:
@@ -444,11 +453,6 @@ class Anchor:
     def drop(self) -> tuple[float, float]:
         """How far each reading fell since the edit began (negative: it rose)."""
         return tuple(before - after for before, after in zip(self.before, self.read()))
-
-
-def _items(batch: Batch | ChoiceBatch) -> int:
-    """How many items `batch` holds (a `ChoiceBatch` has a row per choice)."""
-    return len(batch.groups) if isinstance(batch, ChoiceBatch) else len(batch)
 
 
 def _count(moves: Flat) -> int:
