@@ -146,6 +146,7 @@ def test_cli_hardens_saved_models_and_checks_outputs_first(tmp_path, tokenizer, 
     assert code == (0 if report["converged"] else 2)
     assert report["method"] == "harden" and report["certificate"]["formats"]["nf4"]["collateral"] == 0
     assert mansu.check(tmp_path / "before", tmp_path / "hard", ["nf4"]).certified
+    assert report["config"]["edit"]["edits_per_round"] == mansu.HardenConfig().edit.edits_per_round  # its defaults
 
 
 def test_callback_refuses_a_peft_model(tokenizer, capitals):

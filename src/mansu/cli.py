@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -102,8 +103,8 @@ def _harden(args: argparse.Namespace) -> None:
     mansu.models.claim_model_dir(args.out)
     original, _ = mansu.load_model(args.before)
     model, tokenizer = mansu.load_model(args.after)
-    result = mansu.harden(model, original, tokenizer, forget, retain,
-                          mansu.HardenConfig(edit=mansu.MansuConfig(seed=args.seed)))
+    edit = dataclasses.replace(mansu.HardenConfig().edit, seed=args.seed, progress=True)  # harden's defaults
+    result = mansu.harden(model, original, tokenizer, forget, retain, mansu.HardenConfig(edit=edit))
     del original
     mansu.save_model(model, tokenizer, args.out)
     last = result.rounds[-1] if result.rounds else {}
