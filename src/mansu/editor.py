@@ -306,8 +306,9 @@ class Editor:
             variants: Sequence[Item] = ()) -> tuple[list[dict[str, Any]], bool, str]:
         """Rounds until the forget set is forgotten in full precision, on the twin and in the exam formats (the
         rounds, converged, and why it stopped). `variants` (rewordings of the forget items) join the forget
-        objective with a mean of their own (`chunks`), not the stopping rule: it reads the items asked for. On a stall, `grow(editor)` may extend the
-        circuit; False when it cannot. `callback(record)` sees each round; a true return stops the run."""
+        objective with a mean of their own (`chunks`), not the stopping rule: it reads the items asked for. On a
+        stall, `grow(editor)` may extend the circuit; False when it cannot. `callback(record)` sees each round; a
+        true return stops the run."""
         cfg = self.config
         rng = random.Random(cfg.seed)
         guard_items = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
