@@ -6,10 +6,11 @@ model in seconds: it checks the plumbing and the certificate, not the forgetting
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,6 +20,7 @@ from mansu import answer_logprob
 from mansu.report import default_utility
 
 SMOKE = "--smoke" in sys.argv or os.environ.get("MANSU_SMOKE") == "1"
+EDIT = json.loads(sys.argv[sys.argv.index("--edit") + 1]) if "--edit" in sys.argv else {}  # MansuConfig fields
 TARGET_FORGET, MAX_UTILITY_DROP = 0.35, 0.05  # issue #12's bar, full precision and NF4 alike
 
 
@@ -58,13 +60,16 @@ def load(smoke: bool = SMOKE) -> Setup:
     return Setup(model, tokenizer, forget[:4], retain[:8], utility[:8], smoke)
 
 
-def harden_config(smoke: bool = SMOKE) -> mansu.HardenConfig:
-    """mansu.harden's defaults; on a tiny model a few small rounds that always run (its target is unreachable)."""
+def harden_config(smoke: bool = SMOKE, edit: dict | None = None) -> mansu.HardenConfig:
+    """mansu.harden's defaults, with the edit-loop fields of `edit` (default: `--edit JSON`) changed; on a tiny
+    model a few small rounds that always run (its target is unreachable)."""
+    edit = EDIT if edit is None else edit
     if not smoke:
-        return mansu.HardenConfig()
-    edit = mansu.MansuConfig(progress=False, edits_per_round=50, max_rounds=2, target_forget_acc=0.0,
-                             retain_sample=4)
-    return mansu.HardenConfig(top_fraction=0.05, edit=edit)
+        config = mansu.HardenConfig()
+        return replace(config, edit=replace(config.edit, **edit))  # replace: the configs check the new values
+    small = mansu.MansuConfig(progress=False, edits_per_round=50, max_rounds=2, target_forget_acc=0.0,
+                              retain_sample=4, **edit)
+    return mansu.HardenConfig(top_fraction=0.05, edit=small)
 
 
 @dataclass

@@ -3,6 +3,7 @@ each step's update is projected off the retain inputs' subspace (`mansu.null_spa
 `mansu.harden` redoes the edit in moves NF4 keeps, with the certificate.
 
     python examples/custom_loop.py            # the embedded SmolLM2-135M, demo split
+    python examples/custom_loop.py --edit JSON  # edit-loop (MansuConfig) fields of the hardening to change
     python examples/custom_loop.py --smoke    # a tiny random model: the plumbing only
 """
 from __future__ import annotations

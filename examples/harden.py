@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 
@@ -17,7 +16,6 @@ from _common import SMOKE, Measure, Numbers, harden_config, load, report
 import mansu
 
 DIRECTION = sys.argv[sys.argv.index("--direction") + 1] if "--direction" in sys.argv else "guide"
-EDIT = json.loads(sys.argv[sys.argv.index("--edit") + 1]) if "--edit" in sys.argv else {}
 
 
 def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
@@ -28,8 +26,7 @@ def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
     mansu.unlearn(s.model, s.tokenizer, s.forget, s.retain, config)
     graddiff = measure.show("GradDiff")
 
-    config = harden_config(smoke)
-    config = replace(config, direction=DIRECTION, edit=replace(config.edit, **EDIT))  # replace: the configs check
+    config = replace(harden_config(smoke), direction=DIRECTION)
     result = mansu.harden(s.model, measure.original, s.tokenizer, s.forget, s.retain, config)
     return result, graddiff, report("GradDiff + harden", result, measure.after())
 

@@ -2,6 +2,7 @@
 update is low-rank and small: spread over every weight of the adapted layers, far below an NF4 bin.
 
     python examples/peft_lora.py            # the embedded SmolLM2-135M, demo split
+    python examples/peft_lora.py --edit JSON  # edit-loop (MansuConfig) fields of the hardening to change
     python examples/peft_lora.py --smoke    # a tiny random model: the plumbing only
 """
 from __future__ import annotations
