@@ -21,6 +21,7 @@ from mansu.report import default_utility
 
 SMOKE = "--smoke" in sys.argv or os.environ.get("MANSU_SMOKE") == "1"
 EDIT = json.loads(sys.argv[sys.argv.index("--edit") + 1]) if "--edit" in sys.argv else {}  # MansuConfig fields
+JSON = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None  # where to save the result
 TARGET_FORGET, MAX_UTILITY_DROP = 0.35, 0.05  # issue #12's bar, full precision and NF4 alike
 
 
@@ -129,7 +130,10 @@ class Measure:
 
 
 def report(label: str, result: mansu.UnlearnResult, numbers: Numbers) -> Numbers:
-    """Print a hardening's result, its certificate table and the numbers; return the numbers."""
+    """Print a hardening's result, its certificate table and the numbers (with `--json PATH`, also save the
+    result, its rounds included); return the numbers."""
+    if JSON is not None:
+        result.save_json(JSON)
     print(result)
     print(result.certificate.table())
     print(f"{label}: {numbers}")

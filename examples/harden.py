@@ -4,6 +4,7 @@
     python examples/harden.py                       # the embedded SmolLM2-135M, demo split (minutes on a CPU)
     python examples/harden.py --direction descent   # moves in the forget descent's direction, not the guide's
     python examples/harden.py --edit '{"saturate_on": "quantized"}'   # edit-loop (MansuConfig) fields to change
+    python examples/harden.py --json R.json  # also save the hardening's result (its rounds included)
     python examples/harden.py --smoke               # a tiny random model (seconds): the plumbing only
 """
 from __future__ import annotations

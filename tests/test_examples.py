@@ -71,7 +71,6 @@ def test_harden_makes_graddiff_forget_in_nf4_on_the_embedded_model(examples):
 
 @pytest.mark.slow
 @pytest.mark.bar
-@pytest.mark.xfail(strict=True, reason="measured: forget 0.00 / 0.00 but NF4 utility 0.99 -> 0.93 with harden's defaults (docs/harden.md)")
 def test_trainer_callback_meets_the_bar_on_the_embedded_model(examples):
     result, numbers = examples("trainer_callback").main(smoke=False)
     assert result.certificate.certified and numbers.meets_targets(), numbers  # the bar, as above

@@ -43,9 +43,10 @@ class HardenConfig:
     growths: int = 3  # a stalled edit's set doubles, at most this many times (the top 2x, 4x, ... fraction)
     direction: str = "guide"  # each weight's move: "guide" (the other method's sign) or "descent" (the forget
     # objective's descent on the model being hardened): the guide then says where, not which way
-    # 20,000 moves a round, not unlearn's 5,000: GradDiff on the demo split hardened to 0.00 / 0.10 (full / NF4)
-    # with them, and stalled at 0.40 / 0.60 with 5,000; an NPO run then lost 0.06 of NF4 utility (docs/harden.md)
-    edit: MansuConfig = field(default_factory=lambda: MansuConfig(edits_per_round=20_000, progress=False))
+    # 10,000 moves a round, not unlearn's 5,000: on the demo split GradDiff's hardening stalled at 0.40 / 0.60
+    # (full / NF4) with 5,000; with 20,000 an NPO Trainer run lost 0.06 of NF4 utility, with 10,000 0.02
+    # (docs/harden.md)
+    edit: MansuConfig = field(default_factory=lambda: MansuConfig(edits_per_round=10_000, progress=False))
 
     def __post_init__(self) -> None:
         check_types(self)
