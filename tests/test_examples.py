@@ -1,5 +1,5 @@
-"""The examples run: on a tiny random model (the plumbing and the certificate), and two of them on the embedded
-model, where issue #12's bar is asserted (forget <= 0.35 full and NF4, utility drop <= 0.05, certificate 1.0)."""
+"""The examples run: on a tiny random model (the plumbing and the certificate), and the hardening ones on the
+embedded model, where issue #12's bar is asserted (forget <= 0.35 full and NF4, utility drop <= 0.05, certificate 1.0)."""
 import importlib
 import json
 import sys
@@ -61,9 +61,13 @@ def test_quickstart_notebook_runs_top_to_bottom_and_is_stored_without_outputs(tm
 
 @pytest.mark.slow
 @pytest.mark.bar
-def test_harden_makes_graddiff_forget_in_nf4_on_the_embedded_model(examples):
-    result, graddiff, hardened = examples("harden").main(smoke=False)
-    assert graddiff.forget_nf4 > graddiff.forget_full  # the starting point: NF4 remembers
+@pytest.mark.parametrize("name", ["harden", "custom_loop", pytest.param("peft_lora", marks=pytest.mark.xfail(
+    strict=True, reason="measured: the merged LoRA's 0.30 / 0.80 hardens to 0.00 / 0.40, NF4 over 0.35 (docs/harden.md)"))])
+def test_hardening_examples_meet_the_bar_on_the_embedded_model(examples, name):
+    if name == "peft_lora":
+        pytest.importorskip("peft")
+    result, unhardened, hardened = examples(name).main(smoke=False)
+    assert unhardened.forget_nf4 > unhardened.forget_full  # the starting point: NF4 remembers
     # the issue's bar; harden's own stop (0.1 in full precision and six formats) is stricter, and reported as
     # result.converged / stop_reason, not asserted here
     assert result.certificate.certified and hardened.meets_targets(), hardened
