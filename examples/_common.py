@@ -19,9 +19,15 @@ from mansu.data import encode_items
 from mansu import answer_logprob
 from mansu.report import default_utility
 
+
+def option(flag: str) -> str | None:
+    """The value given after `flag` on the command line, or None without it."""
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else None
+
+
 SMOKE = "--smoke" in sys.argv or os.environ.get("MANSU_SMOKE") == "1"
-EDIT = json.loads(sys.argv[sys.argv.index("--edit") + 1]) if "--edit" in sys.argv else {}  # MansuConfig fields
-JSON = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None  # where to save the result
+EDIT = json.loads(option("--edit") or "{}")  # edit-loop (MansuConfig) fields of the hardening to change
+JSON = option("--json")  # where to save the hardening's result
 TARGET_FORGET, MAX_UTILITY_DROP = 0.35, 0.05  # issue #12's bar, full precision and NF4 alike
 
 
@@ -64,13 +70,14 @@ def load(smoke: bool = SMOKE) -> Setup:
 def harden_config(smoke: bool = SMOKE, edit: dict | None = None) -> mansu.HardenConfig:
     """mansu.harden's defaults, with the edit-loop fields of `edit` (default: `--edit JSON`) changed; on a tiny
     model a few small rounds that always run (its target is unreachable)."""
-    edit = EDIT if edit is None else edit
-    if not smoke:
+    if smoke:
+        small = mansu.MansuConfig(progress=False, edits_per_round=50, max_rounds=2, target_forget_acc=0.0,
+                                  retain_sample=4)
+        config = mansu.HardenConfig(top_fraction=0.05, edit=small)
+    else:
         config = mansu.HardenConfig()
-        return replace(config, edit=replace(config.edit, **edit))  # replace: the configs check the new values
-    small = mansu.MansuConfig(progress=False, edits_per_round=50, max_rounds=2, target_forget_acc=0.0,
-                              retain_sample=4, **edit)
-    return mansu.HardenConfig(top_fraction=0.05, edit=small)
+    # replace: the configs check the new values
+    return replace(config, edit=replace(config.edit, **(EDIT if edit is None else edit)))
 
 
 @dataclass

@@ -9,14 +9,13 @@
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 
-from _common import SMOKE, Measure, Numbers, harden_config, load, report
+from _common import SMOKE, Measure, Numbers, harden_config, load, option, report
 
 import mansu
 
-DIRECTION = sys.argv[sys.argv.index("--direction") + 1] if "--direction" in sys.argv else "guide"
+DIRECTION = option("--direction") or "guide"
 
 
 def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
