@@ -27,6 +27,7 @@ def option(flag: str) -> str | None:
 
 SMOKE = "--smoke" in sys.argv or os.environ.get("MANSU_SMOKE") == "1"
 EDIT = json.loads(option("--edit") or "{}")  # edit-loop (MansuConfig) fields of the hardening to change
+HARDEN = json.loads(option("--harden") or "{}")  # the hardening's own (HardenConfig) fields to change
 JSON = option("--json")  # where to save the hardening's result
 TARGET_FORGET, MAX_UTILITY_DROP = 0.35, 0.05  # issue #12's bar, full precision and NF4 alike
 
@@ -67,9 +68,10 @@ def load(smoke: bool = SMOKE) -> Setup:
     return Setup(model, tokenizer, forget[:4], retain[:8], utility[:8], smoke)
 
 
-def harden_config(smoke: bool = SMOKE, edit: dict | None = None) -> mansu.HardenConfig:
-    """mansu.harden's defaults, with the edit-loop fields of `edit` (default: `--edit JSON`) changed; on a tiny
-    model a few small rounds that always run (its target is unreachable)."""
+def harden_config(smoke: bool = SMOKE, edit: dict | None = None, harden: dict | None = None) -> mansu.HardenConfig:
+    """mansu.harden's defaults, with the HardenConfig fields of `harden` (default: `--harden JSON`) and the
+    edit-loop fields of `edit` (default: `--edit JSON`) changed; on a tiny model a few small rounds that always
+    run (its target is unreachable)."""
     if smoke:
         small = mansu.MansuConfig(progress=False, edits_per_round=50, max_rounds=2, target_forget_acc=0.0,
                                   retain_sample=4)
@@ -77,6 +79,7 @@ def harden_config(smoke: bool = SMOKE, edit: dict | None = None) -> mansu.Harden
     else:
         config = mansu.HardenConfig()
     # replace: the configs check the new values
+    config = replace(config, **(HARDEN if harden is None else harden))
     return replace(config, edit=replace(config.edit, **(EDIT if edit is None else edit)))
 
 

@@ -4,6 +4,7 @@ each step's update is projected off the retain inputs' subspace (`mansu.null_spa
 
     python examples/custom_loop.py            # the embedded SmolLM2-135M, demo split
     python examples/custom_loop.py --edit JSON  # edit-loop (MansuConfig) fields of the hardening to change
+    python examples/custom_loop.py --harden JSON  # the hardening's own (HardenConfig) fields to change
     python examples/custom_loop.py --json R.json  # also save the hardening's result (its rounds included)
     python examples/custom_loop.py --smoke    # a tiny random model: the plumbing only
 """

@@ -2,20 +2,16 @@
 `mansu.harden` redoes the edit in moves NF4 keeps, and certifies them against the original.
 
     python examples/harden.py                       # the embedded SmolLM2-135M, demo split (minutes on a CPU)
-    python examples/harden.py --direction descent   # moves in the forget descent's direction, not the guide's
+    python examples/harden.py --harden '{"direction": "descent"}'   # HardenConfig fields to change
     python examples/harden.py --edit '{"saturate_on": "quantized"}'   # edit-loop (MansuConfig) fields to change
     python examples/harden.py --json R.json  # also save the hardening's result (its rounds included)
     python examples/harden.py --smoke               # a tiny random model (seconds): the plumbing only
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
-from _common import SMOKE, Measure, Numbers, harden_config, load, option, report
+from _common import SMOKE, Measure, Numbers, harden_config, load, report
 
 import mansu
-
-DIRECTION = option("--direction") or "guide"
 
 
 def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
@@ -26,8 +22,7 @@ def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
     mansu.unlearn(s.model, s.tokenizer, s.forget, s.retain, config)
     graddiff = measure.show("GradDiff")
 
-    config = replace(harden_config(smoke), direction=DIRECTION)
-    result = mansu.harden(s.model, measure.original, s.tokenizer, s.forget, s.retain, config)
+    result = mansu.harden(s.model, measure.original, s.tokenizer, s.forget, s.retain, harden_config(smoke))
     return result, graddiff, report("GradDiff + harden", result, measure.after())
 
 

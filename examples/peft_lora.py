@@ -3,6 +3,7 @@ update is low-rank and small: spread over every weight of the adapted layers, fa
 
     python examples/peft_lora.py            # the embedded SmolLM2-135M, demo split
     python examples/peft_lora.py --edit JSON  # edit-loop (MansuConfig) fields of the hardening to change
+    python examples/peft_lora.py --harden JSON  # the hardening's own (HardenConfig) fields to change
     python examples/peft_lora.py --json R.json  # also save the hardening's result (its rounds included)
     python examples/peft_lora.py --smoke    # a tiny random model: the plumbing only
 """

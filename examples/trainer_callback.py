@@ -3,6 +3,7 @@ quantization-permanent in two lines: `trainer.add_callback(MansuCallback(...))`.
 
     python examples/trainer_callback.py            # the embedded SmolLM2-135M, demo split
     python examples/trainer_callback.py --edit JSON  # edit-loop (MansuConfig) fields of the hardening to change
+    python examples/trainer_callback.py --harden JSON  # the hardening's own (HardenConfig) fields to change
     python examples/trainer_callback.py --json R.json  # also save the hardening's result (its rounds included)
     python examples/trainer_callback.py --smoke    # a tiny random model: the plumbing only
 """

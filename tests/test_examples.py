@@ -2,6 +2,7 @@
 embedded model, where issue #12's bar is asserted (forget <= 0.35 full and NF4, utility drop <= 0.05, certificate 1.0)."""
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +30,17 @@ def test_hardening_examples_certify_what_the_other_method_could_not(examples, na
     # the other method's sub-bin edit leaves most changed weights on their NF4 code; hardening's all flip
     assert unhardened.flipped_fraction < 0.9
     assert hardened.flipped_fraction == 1.0 and hardened.collateral == 0
+
+
+def test_hardening_options_reach_the_configs_and_the_saved_result(tmp_path):
+    """--harden and --edit change HardenConfig's and its edit loop's fields; --json saves the result."""
+    saved = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(EXAMPLES / "harden.py"), "--smoke", "--harden",
+                    '{"top_fraction": 0.1, "direction": "descent"}', "--edit", '{"edits_per_round": 30}',
+                    "--json", str(saved)], check=True, capture_output=True)
+    config = json.loads(saved.read_text())["config"]
+    assert (config["top_fraction"], config["direction"], config["edit"]["edits_per_round"]) == (0.1, "descent", 30)
+    assert config["edit"]["max_rounds"] == 2  # the smoke config's other fields stay
 
 
 def test_trainer_callback_hardens_at_train_end(examples):
