@@ -21,6 +21,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def main(smoke: bool = SMOKE) -> tuple[mansu.UnlearnResult, Numbers, Numbers]:
     s = load(smoke)
     measure = Measure(s)  # the original weights, before peft wraps the model
+    torch.manual_seed(0)  # peft draws the adapters' A matrices from the global RNG: unseeded, no two runs agree
     lora = get_peft_model(s.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3 if smoke else 1e-4,
                                   weight_decay=0.0)

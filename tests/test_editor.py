@@ -250,9 +250,11 @@ def test_npo_fades_on_what_the_deployed_model_still_knows(tokenizer, capitals):
     assert any(not torch.allclose(grads["other twin"][n], g, rtol=1e-3) for n, g in grads["full"].items())
 
 
-def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals):
+@pytest.mark.parametrize("fmt", ["fp4", "nf4"])
+def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals, fmt):
     """Once an exam format failed, the forget gradient is full precision's plus the same objective's on a copy in
-    that format (straight through its rounding); NPO on the copy fades on the copy's own reading."""
+    that format (straight through its rounding); NPO on the copy fades on the copy's own reading. For the deployed
+    format (nf4) the copy is the twin, which on an unedited model is that format's copy exactly."""
     from mansu.methods import forget_loss
 
     forget_batch, retain_batch = encode_items(tokenizer, capitals[:4]), encode_items(tokenizer, capitals[10:14])
@@ -260,9 +262,9 @@ def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals):
     with torch.no_grad():
         ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
     alone = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)[0]
-    editor.exam_format = "fp4"
+    editor.exam_format = fmt
     joined, _, directions, losses = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)
-    copy_ = mansu.quantized_copy(editor.model, "fp4")
+    copy_ = mansu.quantized_copy(editor.model, fmt)
     params = dict(copy_.named_parameters())
     forget_loss(copy_, forget_batch, "npo", ref, editor.config.npo_beta).backward()
     for name, g in alone.items():
@@ -274,6 +276,21 @@ def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals):
         exam_loss = float(forget_loss(copy_, forget_batch, "npo", ref, editor.config.npo_beta))
     assert losses["forget_loss_exam"] == pytest.approx(exam_loss, rel=1e-5)
     assert all(p.grad is None for n, p in editor.params.items())  # the model's own gradients are left untouched
+
+
+def test_once_full_precision_forgot_a_twin_that_still_knows_is_pushed(tokenizer, capitals, monkeypatch):
+    """Full precision within the target and the twin not: NPO's push on full precision has faded, so the next
+    round's forget gradient also reads the twin's own (as a failed exam's format)."""
+    import mansu.editor as editor_module
+    from mansu.probes import Knowledge
+
+    editor = random_editor("llama", tokenizer, capitals, max_rounds=2, exam_formats=())
+    # full precision forgot everything, the twin nothing
+    monkeypatch.setattr(editor_module, "knowledge",
+                        lambda model, tok, items: Knowledge(0.0, 0.0) if model is editor.model else Knowledge(1.0, 1.0))
+    rounds, converged, _ = editor.run(tokenizer, capitals[:3], capitals[10:20])
+    assert not converged and editor.exam_format == "nf4"
+    assert "forget_loss_exam" not in rounds[0] and "forget_loss_exam" in rounds[1]
 
 
 def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer, capitals):

@@ -73,8 +73,7 @@ def test_quickstart_notebook_runs_top_to_bottom_and_is_stored_without_outputs(tm
 
 @pytest.mark.slow
 @pytest.mark.bar
-@pytest.mark.parametrize("name", ["harden", "custom_loop", pytest.param("peft_lora", marks=pytest.mark.xfail(
-    strict=True, reason="measured: the merged LoRA's 0.30 / 0.80 hardens to 0.00 / 0.40, NF4 over 0.35 (docs/harden.md)"))])
+@pytest.mark.parametrize("name", ["harden", "custom_loop", "peft_lora"])
 def test_hardening_examples_meet_the_bar_on_the_embedded_model(examples, name):
     if name == "peft_lora":
         pytest.importorskip("peft")

@@ -6,7 +6,7 @@ Each round:
    `saturate_on="quantized"`; `forget_on="choices"` lowers the true choice's probability among the item's
    choices, not the answer's own). Once an exam format failed, the same objective on a fresh copy in that format
    adds its gradient (straight through the rounding): what that format still knows is pushed there, and fades
-   there once it forgot;
+   there once it forgot; so does the twin's own, once full precision is forgotten and the twin is not;
 2. every unmoved circuit weight's candidate move: to the neighbouring quantization level in the direction
    of the projected forget descent (so it crosses a bin by construction);
 3. score = (forget benefit - retain_weight * retain harm) / (Fisher cost + smoothing): first-order forget
@@ -168,10 +168,11 @@ class Editor:
 
         forget_grads, retain_grads, exam_grads, losses = {}, {}, {}, {}
         if self.exam_format is not None:
-            # The failing format's own gradient, read on a copy of the model as it is now, straight through its
-            # rounding: pushing full precision alone let it sink to -22 nats while fp4 kept 0.3 of the forget set
-            # (cross-capitals-20); NPO on the copy also stops pushing an item once that format forgot it.
-            exam = quantized_copy(self.model, self.exam_format)
+            # The failing format's own gradient, read on a copy of the model as it is now (the twin, for the deployed
+            # format), straight through its rounding: pushing full precision alone let it sink to -22 nats while fp4
+            # kept 0.3 of the forget set (cross-capitals-20); NPO on the copy also stops pushing an item once that
+            # format forgot it.
+            exam = self.quantized if self.exam_format == cfg.format else quantized_copy(self.model, self.exam_format)
             losses["forget_loss_exam"] = self._backward(passes(exam), exam_grads, step, dict(exam.named_parameters()))
             del exam
         losses["forget_loss"] = self._backward(passes(self.model), forget_grads, step)
@@ -355,6 +356,10 @@ class Editor:
             stop = callback is not None and bool(callback(record))
             if self.forgotten(full, quant.score) and self.passes_exam(tokenizer, forget, full, record):
                 return rounds, True, "converged"
+            if full.score <= cfg.target_forget_acc and not self.forgotten(full, quant.score):
+                # Full precision forgot, so its NPO push fades, while the twin still knows: the twin's own gradient
+                # joins (a LoRA merge's hardening sat at NF4 0.40 with a forget loss of 0 for 4 rounds, docs/harden.md)
+                self.exam_format = cfg.format
             if stop:
                 return rounds, False, "callback"
             # Progress is the forgetting still to do: the mean belief in the answers, full and quantized.
