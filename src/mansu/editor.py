@@ -76,7 +76,8 @@ class Editor:
         if guide is not None:
             self.set_guide(guide)
         self.spent = 0.0  # Fisher cost of the edits kept so far
-        self.exam_format: str | None = None  # the last exam's failing format, while it fails
+        self.exam_format: str | None = None  # the failing reading whose gradient joins: the last exam's format,
+        # or the deployed format (the twin) once full precision alone forgot; until the next exam
         self.edits_per_round = config.edits_per_round
         # The deployed model, kept in step with the edit: only the blocks an edit touches are re-quantized.
         self.quantized = quantized_copy(model, config.format)
@@ -354,9 +355,10 @@ class Editor:
             rounds.append(record)
             bar.set_postfix(full=full.score, quant=quant.score, edited=record["edited"])
             stop = callback is not None and bool(callback(record))
-            if self.forgotten(full, quant.score) and self.passes_exam(tokenizer, forget, full, record):
-                return rounds, True, "converged"
-            if full.score <= cfg.target_forget_acc and not self.forgotten(full, quant.score):
+            if self.forgotten(full, quant.score):
+                if self.passes_exam(tokenizer, forget, full, record):
+                    return rounds, True, "converged"
+            elif full.score <= cfg.target_forget_acc:
                 # Full precision forgot, so its NPO push fades, while the twin still knows: the twin's own gradient
                 # joins (a LoRA merge's hardening sat at NF4 0.40 with a forget loss of 0 for 4 rounds, docs/harden.md)
                 self.exam_format = cfg.format
