@@ -74,7 +74,7 @@ def harden_config(smoke: bool = SMOKE, edit: dict | None = None, harden: dict | 
     run (its target is unreachable)."""
     if smoke:
         small = mansu.MansuConfig(progress=False, edits_per_round=50, max_rounds=2, target_forget_acc=0.0,
-                                  retain_sample=4)
+                                  retain_sample=4, protect=None)
         config = mansu.HardenConfig(top_fraction=0.05, edit=small)
     else:
         config = mansu.HardenConfig()

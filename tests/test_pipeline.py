@@ -82,6 +82,38 @@ def test_forget_variants_join_the_circuit_search_and_the_forget_objective(tokeni
     assert seen["stop"] == FORGET and result.config["forget_variants"] == ("trim1", "quoted")
 
 
+def test_the_protection_set_joins_every_reading_of_the_retain_set(tokenizer, monkeypatch, tmp_path):
+    """`protect`: the anchor set's items, less any naming a forget answer or already in retain, join the retain set
+    that the Fisher, the projector and the rounds read; None: the retain set alone."""
+    from conftest import make_tiny
+    from mansu.editor import Editor
+
+    fresh = Item("The month after May is", "June", ("June", "March", "July", "May"))
+    anchors = [fresh, Item("The Eiffel Tower is in", "Paris", ("Paris", "Rome", "Lima", "Oslo")), RETAIN[0]]
+    mansu.data.write_jsonl(tmp_path / "anchors.jsonl", anchors)
+    seen = {}
+    fisher, projector, run = mansu.pipeline.diagonal_fisher, mansu.pipeline.null_space_projector, Editor.run
+
+    def record(key, fn):
+        def wrapped(model, tok, items, *args, **kw):
+            seen[key] = list(items)
+            return fn(model, tok, items, *args, **kw)
+        return wrapped
+
+    def rounds(editor, tok, forget, retain, *args):
+        seen["rounds"] = list(retain)
+        return run(editor, tok, forget, retain, *args)
+
+    monkeypatch.setattr(mansu.pipeline, "diagonal_fisher", record("fisher", fisher))
+    monkeypatch.setattr(mansu.pipeline, "null_space_projector", record("projector", projector))
+    monkeypatch.setattr(Editor, "run", rounds)
+    for protect, expected in ((str(tmp_path / "anchors.jsonl"), [*RETAIN, fresh]), (None, RETAIN)):
+        mansu.unlearn(make_tiny("llama", tokenizer), tokenizer, FORGET, RETAIN, small_config(protect=protect, max_rounds=1))
+        assert seen["fisher"] == seen["projector"] == seen["rounds"] == expected
+    with pytest.raises(mansu.MansuError, match="no anchor set 'nope'"):
+        mansu.MansuConfig(protect="nope")
+
+
 def test_config_and_input_errors(tokenizer):
     with pytest.raises(mansu.MansuError, match="objective"):
         mansu.MansuConfig(objective="dpo")

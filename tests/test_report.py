@@ -59,6 +59,22 @@ def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tin
         assert certificate[key] == report["permanence"]["nf4"][key]
 
 
+def test_a_utility_set_sharing_a_prompt_with_the_protection_set_is_refused(tokenizer):
+    """MANSU's protection set joins what the edit keeps (`MansuConfig.protect`): a utility item in it is not
+    untouched. Refused before any work; without protection the same sets are fine up to the run itself."""
+    from conftest import make_tiny
+    from mansu.report import run
+
+    items = [mansu.Item(f"The capital of {c} is", a, (a, "Oslo", "Lima", "Rome")) for c, a in FACTS[:3]]
+    anchor = mansu.data.load_anchor("general")[0]
+    with pytest.raises(mansu.MansuError, match="in both the utility and the protection set"):
+        run(make_tiny("llama", tokenizer), tokenizer, items[:1], items[1:], mansu.MansuConfig(progress=False),
+            utility=[anchor])
+    with pytest.raises(mansu.MansuError, match="`before` scores"):  # past the check: fails on a bad `before`
+        run(make_tiny("llama", tokenizer), tokenizer, items[:1], items[1:],
+            mansu.MansuConfig(progress=False, protect=None), utility=[anchor], before={"full": {}})
+
+
 def test_table_and_plot_from_reports(tmp_path, tiny_dir):
     forget, retain = write_items(tmp_path / "f.jsonl", FACTS[:2]), write_items(tmp_path / "r.jsonl", FACTS[2:])
     reports = []

@@ -207,6 +207,15 @@ def load_anchor(source: str, exclude: Sequence[Item] = ()) -> list[Item]:
     return kept
 
 
+def with_protection(retain: Sequence[Item], forget: Sequence[Item], source: str | None) -> list[Item]:
+    """`retain` plus the anchor set `source` (see `load_anchor`; less what the forget set names or retain already
+    has): what the edit keeps, beyond what the user named. None: `retain` alone."""
+    if source is None:
+        return list(retain)
+    have = {it.prompt.strip() for it in retain}
+    return [*retain, *(it for it in load_anchor(source, forget) if it.prompt.strip() not in have)]
+
+
 def split(items: Sequence[Item], n_first: int, seed: int = 0) -> tuple[list[Item], list[Item]]:
     """A seeded random split into `n_first` items and the rest (e.g. forget and retain)."""
     if not 0 < n_first < len(items):

@@ -64,6 +64,7 @@ class Editor:
         self.layout = layout  # every quantized weight -> stored transposed (Conv1D); the circuit may grow into any
         self.fmt = get_format(config.format)
         self.mask: Mask = {}
+        self.index: Flat = {}  # each mask's entries as flat indices: a gradient's masked entries without a search
         self.original: Flat = {}
         self.moved: Flat = {}  # moved once, or frozen by the guard: never a candidate again
         self.up: Flat = {}
@@ -98,6 +99,7 @@ class Editor:
                 original[old] = self.original[name]
                 original, moved = original[m], self.dense(name, self.moved[name])[m]
             self.mask[name], self.original[name], self.moved[name] = m, original, moved
+            self.index[name] = m.reshape(-1).nonzero().squeeze(1)
             if name not in self.scales:  # the twin's block scales, from the original weights
                 absmax = block_absmax(quantized_layout(w, self.layout[name]), self.fmt)
                 self.scales[name] = block_scales(self.fmt, absmax)
@@ -200,7 +202,8 @@ class Editor:
         flags = {n: p.requires_grad for n, p in params.items()}
 
         def take(name: str, grad: torch.Tensor) -> None:
-            flat = grad[self.mask[name]].float()  # fp32: neither the projection nor the scores round to bf16
+            flat = grad.reshape(-1).index_select(0, self.index[name]).float()  # fp32: neither the projection nor
+            # the scores round to bf16
             into[name] = into[name] + flat if name in into else flat
 
         total = 0.0
@@ -379,16 +382,17 @@ class Editor:
 
     @torch.no_grad()
     def chunks(self, tokenizer, forget: Sequence[Item], variants: Sequence[Item] = ()) -> list[Chunk]:
-        """The forget objective in chunks of `FORGET_CHUNK` items: the mean over the forget items plus the mean
-        over their rewordings. One mean over both diluted each fact's push (with four rewordings each, to a fifth)
-        while its retain harm kept its weight: same-capitals-10 stalled at 0.50 (dur12, docs/method.md)."""
-        out = []
-        for group in (forget, variants):
+        """The forget objective in chunks of `FORGET_CHUNK` items: the mean over the forget items, or with
+        rewordings, half of it plus half the mean over the rewordings. One mean over both diluted each fact's push
+        (with four rewordings each, to a fifth) while its retain harm kept its weight: same-capitals-10 stalled at
+        0.50 (dur12); the two means' sum doubled the push, and two splits lost more utility (dur14, docs/method.md)."""
+        out, groups = [], [g for g in (forget, variants) if g]
+        for group in groups:
             for start in range(0, len(group), FORGET_CHUNK):
                 part = group[start : start + FORGET_CHUNK]
                 batch = encode_forget(tokenizer, part, self.config.forget_on)
                 ref = fact_logprob(self.model, batch) if self.config.objective == "npo" else None
-                out.append((batch, ref, len(part) / len(group)))
+                out.append((batch, ref, len(part) / len(group) / len(groups)))
         return out
 
     def guarded(self, batch: Batch, reference: tuple[float, float], anchor: "Anchor | None",

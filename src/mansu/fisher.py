@@ -193,10 +193,13 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
     grad_sums = {n: torch.zeros_like(v) for n, v in squares.items()}
     generator = torch.Generator(input_device(model)).manual_seed(config.seed) if config.kind == "true" else None
     real_labels = True  # whether the running backward is of the real answers (else of sampled ones)
+    # The mask's entries as flat indices, found once: a boolean index searches the whole mask on every backward
+    # (a quarter of the Fisher's time on the embedded model; the same values, in the same order)
+    index = {n: m.reshape(-1).nonzero().squeeze(1) for n, m in selected.items()}
 
     def take(name: str, grad: torch.Tensor) -> None:
         nonlocal real_labels
-        g = grad[selected[name]].float()
+        g = grad.reshape(-1).index_select(0, index[name]).float()
         if real_labels:
             grad_sums[name] += g
         if not real_labels or config.kind == "empirical":

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .config import check_types, from_dict
-from .data import Item, check_disjoint, prompt_variants
+from .data import Item, check_disjoint, prompt_variants, with_protection
 from .editor import Editor
 from .errors import MansuError
 from .fisher import Mask, diagonal_fisher
@@ -46,7 +46,9 @@ class HardenConfig:
     # 10,000 moves a round, not unlearn's 5,000: on the demo split GradDiff's hardening stalled at 0.40 / 0.60
     # (full / NF4) with 5,000; with 20,000 an NPO Trainer run lost 0.06 of NF4 utility, with 10,000 0.02
     # (docs/harden.md)
-    edit: MansuConfig = field(default_factory=lambda: MansuConfig(edits_per_round=10_000, progress=False))
+    # No protection set by default: issue #12's four paths were measured without one (docs/harden.md)
+    edit: MansuConfig = field(default_factory=lambda: MansuConfig(edits_per_round=10_000, progress=False,
+                                                                  protect=None))
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -119,6 +121,7 @@ def harden(model: torch.nn.Module, original: Any, tokenizer, forget: Sequence[It
         raise MansuError("hardening needs a non-empty forget set and a non-empty retain set")
     check_disjoint(forget=forget, retain=retain)
     edit = config.edit  # its seed draws the rounds' retain samples (a local generator: the global RNG is left alone)
+    retain = with_protection(retain, forget, edit.protect)
     variants = prompt_variants(forget, edit.forget_variants, avoid=retain)
     timing: dict[str, float] = {}
     tick = time.perf_counter()

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .attribution import Circuit, CircuitConfig, attribute_circuit
-from .data import Item, check_disjoint, load_anchor, prompt_variants
+from .data import Item, check_disjoint, load_anchor, prompt_variants, with_protection
 from .config import check_types, from_dict
 from .editor import Editor
 from .errors import MansuError
@@ -59,6 +59,10 @@ class MansuConfig:
     # true choice by more: they guard what neither set names (retain can stay perfect while untouched knowledge
     # falls); None: off
     anchor: str = "general"  # the anchor items: a bundled anchor set (mansu.data.load_anchor) or a JSONL path
+    protect: str | None = "general"  # an anchor set (as `anchor`) that joins the retain set everywhere the edit
+    # reads it (attribution's penalty, Fisher, projector, rounds, guard): knowledge the user's retain set does not
+    # name. cross-capitals-20, retaining cities and continents, lost 0.30 of its untouched sets without it
+    # (docs/method.md, dur17); None: the retain set alone
     backtracks: int = 3  # a round past the guard gives back its weaker half up to this many times, then all of it
     stop_on_gap: bool = True  # converged also needs every quantized reading to know no more than full precision
     # (PTQ gap <= 0); False: each at most target_forget_acc
@@ -115,6 +119,8 @@ class MansuConfig:
             if not 0 < self.anchor_guard < 1:
                 raise MansuError(f"anchor_guard must be in (0, 1) (or None), got {self.anchor_guard}")
             load_anchor(self.anchor)  # an unknown set fails here, not after attribution
+        if self.protect is not None:
+            load_anchor(self.protect)
         if self.backtracks < 0:
             raise MansuError(f"backtracks must be >= 0, got {self.backtracks}")
         self.exam_formats = tuple(self.exam_formats)
@@ -170,6 +176,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
         raise MansuError(f"config must be a MansuConfig or BaselineConfig, got {type(config).__name__}")
     timing: dict[str, float] = {}
     tick = time.perf_counter()
+    retain = with_protection(retain, forget, config.protect)
     variants = prompt_variants(forget, config.forget_variants, avoid=retain)
     searched = [*forget, *variants]  # what attribution reads, at the start and at each growth
 

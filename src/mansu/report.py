@@ -208,7 +208,7 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     every format."""
     from .attribution import attribute_circuit
     from .circuit_divergence import cad
-    from .data import check_disjoint
+    from .data import check_disjoint, load_anchor
     from .pipeline import MansuConfig, unlearn
     from .models import save_model
     from .probes import relearn_attack
@@ -222,6 +222,8 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     if utility is None:
         utility, utility_sets = default_utility(forget, retain)
     check_disjoint(forget=forget, retain=retain, utility=utility)
+    if isinstance(config, MansuConfig) and config.protect is not None:  # the edit also keeps these: not untouched
+        check_disjoint(utility=utility, protection=load_anchor(config.protect, forget))
     sets = {"forget": forget, "retain": retain} | ({"utility": utility} if utility else {})
     if before is None:
         before = run_scores(model, tokenizer, sets, formats)
