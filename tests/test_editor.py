@@ -367,9 +367,9 @@ def test_the_forget_gradient_in_chunks_is_the_gradient_of_the_whole_set(tokenize
     assert split_[3]["forget_loss"] == pytest.approx(whole[3]["forget_loss"], rel=1e-5)
 
 
-def test_rewordings_and_forget_items_weigh_half_each(tokenizer, capitals):
-    """With rewordings, the objective is the mean of the items' mean and the rewordings' mean: one mean over both
-    would dilute each item's push by the number of its rewordings, and their sum doubles the forget side's push."""
+def test_rewordings_weigh_as_one_mean_beside_the_forget_items_mean(tokenizer, capitals):
+    """With rewordings, the objective is the items' mean plus the rewordings' mean: one mean over both would
+    dilute each item's push by the number of its rewordings."""
     from mansu.evaluation import encode_forget
     from mansu.methods import forget_loss
 
@@ -379,4 +379,4 @@ def test_rewordings_and_forget_items_weigh_half_each(tokenizer, capitals):
     both = editor.gradients(editor.chunks(tokenizer, forget, variants), retain_batch, 1)[3]["forget_loss"]
     means = [float(forget_loss(editor.model, encode_forget(tokenizer, group, "choices"), "ga"))
              for group in (forget, variants)]
-    assert len(variants) == 6 and both == pytest.approx(sum(means) / 2, rel=1e-5)
+    assert len(variants) == 6 and both == pytest.approx(sum(means), rel=1e-5)

@@ -382,17 +382,17 @@ class Editor:
 
     @torch.no_grad()
     def chunks(self, tokenizer, forget: Sequence[Item], variants: Sequence[Item] = ()) -> list[Chunk]:
-        """The forget objective in chunks of `FORGET_CHUNK` items: the mean over the forget items, or with
-        rewordings, half of it plus half the mean over the rewordings. One mean over both diluted each fact's push
-        (with four rewordings each, to a fifth) while its retain harm kept its weight: same-capitals-10 stalled at
-        0.50 (dur12); the two means' sum doubled the push, and two splits lost more utility (dur14, docs/method.md)."""
-        out, groups = [], [g for g in (forget, variants) if g]
-        for group in groups:
+        """The forget objective in chunks of `FORGET_CHUNK` items: the mean over the forget items plus the mean
+        over their rewordings. One mean over both diluted each fact's push (with four rewordings each, to a fifth)
+        while its retain harm kept its weight: same-capitals-10 stalled at 0.50 (dur12, docs/method.md); half of
+        each stalled same-opposites-10 at 0.80 (dur19)."""
+        out = []
+        for group in (forget, variants):
             for start in range(0, len(group), FORGET_CHUNK):
                 part = group[start : start + FORGET_CHUNK]
                 batch = encode_forget(tokenizer, part, self.config.forget_on)
                 ref = fact_logprob(self.model, batch) if self.config.objective == "npo" else None
-                out.append((batch, ref, len(part) / len(group) / len(groups)))
+                out.append((batch, ref, len(part) / len(group)))
         return out
 
     def guarded(self, batch: Batch, reference: tuple[float, float], anchor: "Anchor | None",
