@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .data import Batch, Item, encode_items, load_anchor
 from .errors import MansuError
 from .evaluation import ChoiceBatch, answer_logprob, encode_forget, evaluate, fact_logprob
-from .fisher import BoundConfig, Fisher, Mask, bound_update, masked_grad_hooks
+from .fisher import BoundConfig, Fisher, Mask, bound_update, flat_index, masked_grad_hooks
 from .floor import floor_targets
 from .methods import RoundCallback, check_finite, forget_loss, retain_loss
 from .probes import Knowledge, knowledge
@@ -64,7 +64,7 @@ class Editor:
         self.layout = layout  # every quantized weight -> stored transposed (Conv1D); the circuit may grow into any
         self.fmt = get_format(config.format)
         self.mask: Mask = {}
-        self.index: Flat = {}  # each mask's entries as flat indices: a gradient's masked entries without a search
+        self.index: Flat = {}  # each mask's entries as flat indices (`flat_index`), for the gradient hooks
         self.original: Flat = {}
         self.moved: Flat = {}  # moved once, or frozen by the guard: never a candidate again
         self.up: Flat = {}
@@ -99,7 +99,7 @@ class Editor:
                 original[old] = self.original[name]
                 original, moved = original[m], self.dense(name, self.moved[name])[m]
             self.mask[name], self.original[name], self.moved[name] = m, original, moved
-            self.index[name] = m.reshape(-1).nonzero().squeeze(1)
+            self.index[name] = flat_index(m)
             if name not in self.scales:  # the twin's block scales, from the original weights
                 absmax = block_absmax(quantized_layout(w, self.layout[name]), self.fmt)
                 self.scales[name] = block_scales(self.fmt, absmax)
@@ -201,16 +201,15 @@ class Editor:
         params = self.params if params is None else params
         flags = {n: p.requires_grad for n, p in params.items()}
 
-        def take(name: str, grad: torch.Tensor) -> None:
-            flat = grad.reshape(-1).index_select(0, self.index[name]).float()  # fp32: neither the projection nor
-            # the scores round to bf16
+        def take(name: str, entries: torch.Tensor) -> None:
+            flat = entries.float()  # fp32: neither the projection nor the scores round to bf16
             into[name] = into[name] + flat if name in into else flat
 
         total = 0.0
         try:
             for n, p in params.items():
                 p.requires_grad_(n in self.mask)  # backward skips the weight gradients of everything else
-            with masked_grad_hooks({n: params[n] for n in self.mask}, take):
+            with masked_grad_hooks({n: params[n] for n in self.mask}, self.index, take):
                 for loss_fn in losses:
                     loss = loss_fn()
                     check_finite(loss, step)

@@ -138,15 +138,22 @@ def sampled_answer_logprobs(model: torch.nn.Module, batch: Batch, generator: tor
     return scores[0], scores[1:]
 
 
+def flat_index(mask: torch.Tensor) -> torch.Tensor:
+    """The entries `mask` selects as flat indices, in the order `tensor[mask]` gives them."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
 @contextmanager
-def masked_grad_hooks(params: dict[str, torch.nn.Parameter],
+def masked_grad_hooks(params: dict[str, torch.nn.Parameter], index: dict[str, torch.Tensor],
                       take: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """During backward, hand each parameter's gradient to `take(name, grad)` and free it at once."""
+    """During backward, hand each parameter's gradient entries at `index[name]` (`flat_index`) to `take(name,
+    entries)` and free the gradient at once. Indices found once, not a boolean mask: a mask is searched again on
+    every backward (a quarter of the Fisher's time on the embedded model; the same values, in the same order)."""
     stash = {n: p.grad for n, p in params.items()}  # a caller's own gradients are put back afterwards
 
     def hook(name: str) -> Callable:
         def fn(p: torch.nn.Parameter) -> None:
-            take(name, p.grad)
+            take(name, p.grad.reshape(-1).index_select(0, index[name]))
             p.grad = None  # so memory holds one full-size gradient at a time, not one per selected weight
 
         return fn
@@ -193,13 +200,10 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
     grad_sums = {n: torch.zeros_like(v) for n, v in squares.items()}
     generator = torch.Generator(input_device(model)).manual_seed(config.seed) if config.kind == "true" else None
     real_labels = True  # whether the running backward is of the real answers (else of sampled ones)
-    # The mask's entries as flat indices, found once: a boolean index searches the whole mask on every backward
-    # (a quarter of the Fisher's time on the embedded model; the same values, in the same order)
-    index = {n: m.reshape(-1).nonzero().squeeze(1) for n, m in selected.items()}
 
-    def take(name: str, grad: torch.Tensor) -> None:
+    def take(name: str, entries: torch.Tensor) -> None:
         nonlocal real_labels
-        g = grad.reshape(-1).index_select(0, index[name]).float()
+        g = entries.float()
         if real_labels:
             grad_sums[name] += g
         if not real_labels or config.kind == "empirical":
@@ -211,7 +215,8 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
         # Parameters with nothing selected need no weight gradient: backward then skips their matmuls.
         for name, p in params.items():
             p.requires_grad_(name in selected)
-        with masked_grad_hooks({n: params[n] for n in selected}, take):
+        with masked_grad_hooks({n: params[n] for n in selected}, {n: flat_index(m) for n, m in selected.items()},
+                               take):
             for item in tqdm(items, desc="fisher", leave=False, disable=not progress):
                 batch = encode(tokenizer, [item.prompt], [item.answer])
                 if config.kind == "empirical":
