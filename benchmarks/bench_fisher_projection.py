@@ -2,6 +2,10 @@
 
     python benchmarks/bench_fisher_projection.py            # every phase, each in a fresh process
     python benchmarks/bench_fisher_projection.py --phase fisher
+    python benchmarks/bench_fisher_projection.py --phases fisher fisher_one_by_one   # the side-by-side alone
+
+`fisher` reads every item's gradient from batched backwards (mansu.per_item); `fisher_one_by_one` is the same
+Fisher with one item per backward: the run prints the two side by side.
 
 The circuit is random heads and neurons of realistic size (5% of heads, 1% of neurons by default).
 Memory is the peak resident set sampled every 5 ms above the resident set after loading the model:
@@ -25,7 +29,7 @@ from mansu.evaluation import answer_logprob
 from mansu.fisher import FisherConfig, diagonal_fisher, full_mask
 from mansu.projection import ProjectionConfig, null_space_projector
 
-PHASES = ("fisher", "fisher_true", "fisher_all", "projection", "bound")
+PHASES = ("fisher", "fisher_one_by_one", "fisher_true", "fisher_all", "projection", "bound")
 
 
 def rss_mb() -> float:
@@ -146,24 +150,34 @@ def run_phase(phase: str, n_retain: int) -> dict:
             out["largest_eigenproblem"] = max(p.columns.numel() for p in result.layers.values())
         else:
             kind = "true" if phase == "fisher_true" else "empirical"
+            config = FisherConfig(kind=kind, batch_size=1 if phase == "fisher_one_by_one" else 16)
             result = diagonal_fisher(model, tok, retain, full_mask(model) if phase == "fisher_all" else mask,
-                                     FisherConfig(kind=kind), progress=False)
+                                     config, progress=False)
             out["result"] = result.summary()
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=PHASES)
+    parser.add_argument("--phase", choices=PHASES, help="run this phase in this process and print its JSON")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=PHASES, help="phases to run (fresh processes)")
     parser.add_argument("--retain", type=int, default=30, help="capitals used as the retain set")
     args = parser.parse_args()
     if args.phase:
         print(json.dumps(run_phase(args.phase, args.retain)))
         return
-    for phase in PHASES:  # a fresh process each, so one phase's memory does not hide another's
+    runs = {}
+    for phase in args.phases:  # a fresh process each, so one phase's memory does not hide another's
         n = 8 if phase == "fisher_all" else args.retain
         cmd = [sys.executable, __file__, "--phase", phase, "--retain", str(n)]
-        print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        runs[phase] = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        print(runs[phase])
+    if not {"fisher", "fisher_one_by_one"} <= set(runs):
+        return
+    batched, one = (json.loads(runs[p]) for p in ("fisher", "fisher_one_by_one"))
+    print(f"fisher, batched vs one item per backward: {batched['seconds']} s vs {one['seconds']} s -> "
+          f"{one['seconds'] / batched['seconds']:.1f}x faster; peak extra RSS {batched['peak_extra_mib']} vs "
+          f"{one['peak_extra_mib']} MiB")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""MANSU vs GradDiff side by side in one run: unlearning time and peak memory ratios (targets 2x, 1.5x).
+"""MANSU vs GradDiff side by side in one run: unlearning time and peak memory ratios (#10's targets: 1.5x each,
+as the median over the durability suite; this is the demo split alone).
 
 Runs `mansu demo` (each method in its own process, so each peak is its own) and prints the ratios.
 Usage: python benchmarks/bench_unlearn.py [--out-dir DIR]
@@ -21,7 +22,7 @@ def main() -> None:
     time_ratio = mansu["timing_s"]["unlearn"] / graddiff["timing_s"]["unlearn"]
     memory_ratio = mansu["peak_rss_mb_unlearn"] / graddiff["peak_rss_mb_unlearn"]
     print(f"unlearn time:  mansu {mansu['timing_s']['unlearn']:.1f} s, graddiff {graddiff['timing_s']['unlearn']:.1f} s"
-          f" -> {time_ratio:.2f}x (target <= 2x)")
+          f" -> {time_ratio:.2f}x (target <= 1.5x)")
     print(f"peak memory:   mansu {mansu['peak_rss_mb_unlearn']:.0f} MiB, graddiff {graddiff['peak_rss_mb_unlearn']:.0f} MiB"
           f" -> {memory_ratio:.2f}x (target <= 1.5x)")
     print("mansu stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in mansu["timing_s"].items() if k.startswith("unlearn.")))

@@ -1,11 +1,12 @@
 """Diagonal Fisher of the retain set over a parameter mask, and the retain bound 0.5 * sum F_i delta_i^2.
 
-F_i = mean over retain items of (d log p(answer | prompt) / d theta_i)^2, one backward per item: the
-square of a batch-mean gradient is not the Fisher (it drops the per-example variance that makes up
-most of it). "empirical" uses the real answer tokens; "true" samples each answer token from the model's
-own prediction at that position (teacher-forced on the real prefix), which makes the estimate the
-model's Fisher: the Hessian of the retain KL divergence, at any weights. The empirical Fisher matches
-the Hessian of the retain NLL only near a minimum. Only the masked entries are ever stored.
+F_i = mean over retain items of (d log p(answer | prompt) / d theta_i)^2, each item's own gradient
+(mansu.per_item reads them from a batched backward): the square of a batch-mean gradient is not the
+Fisher (it drops the per-example variance that makes up most of it). "empirical" uses the real
+answer tokens; "true" samples each answer token from the model's own prediction at that position
+(teacher-forced on the real prefix), which makes the estimate the model's Fisher: the Hessian of the
+retain KL divergence, at any weights. The empirical Fisher matches the Hessian of the retain NLL only
+near a minimum. Only the masked entries are ever stored.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Batch, Item, encode
+from .data import Batch, Item, batches
 from .config import check_types
 from .errors import MansuError
 from .evaluation import answer_logprob
 from .models import input_device, require_loaded
+from .per_item import per_item_grads, sites
 from .results import Result
 
 Mask = dict[str, torch.Tensor]
@@ -37,13 +39,15 @@ class FisherConfig:
     kind: str = "empirical"  # "empirical": real answer tokens; "true": answer tokens sampled from the model
     samples: int = 1  # sampled label sets per item for kind="true" (one forward, one backward each)
     seed: int = 0  # for the sampled labels
+    batch_size: int = 16  # items per forward and backward (one, when a selected parameter is not a Linear/Conv1D
+    # weight or bias: autograd sums a batch's gradients); the memory of one batch's activations
 
     def __post_init__(self) -> None:
         check_types(self)
         if self.kind not in FISHER_KINDS:
             raise MansuError(f"unknown Fisher kind {self.kind!r}; choose one of {FISHER_KINDS}")
-        if self.samples < 1:
-            raise MansuError(f"samples must be >= 1, got {self.samples}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise MansuError(f"samples and batch_size must be >= 1, got {self.samples} and {self.batch_size}")
 
 
 @dataclass
@@ -199,26 +203,30 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
                for n, m in selected.items()}
     grad_sums = {n: torch.zeros_like(v) for n, v in squares.items()}
     generator = torch.Generator(input_device(model)).manual_seed(config.seed) if config.kind == "true" else None
+    # Linear/Conv1D weights and biases give per-item gradients from a batched backward (mansu.per_item); any
+    # other selected parameter takes autograd's gradient, which sums a batch: then one item per backward.
+    layers = sites(model, selected)
+    others = {n: params[n] for n in selected if n not in layers}
+    batch_size = config.batch_size if not others else 1
     real_labels = True  # whether the running backward is of the real answers (else of sampled ones)
 
-    def take(name: str, entries: torch.Tensor) -> None:
-        nonlocal real_labels
-        g = entries.float()
+    def take(name: str, grads: torch.Tensor) -> None:  # grads: [items, the entries of `name` selected]
         if real_labels:
-            grad_sums[name] += g
+            grad_sums[name] += grads.sum(0)
         if not real_labels or config.kind == "empirical":
-            squares[name] += g**2
+            squares[name] += (grads**2).sum(0)
 
     was_training, flags = model.training, {n: p.requires_grad for n, p in params.items()}
     model.eval()  # no dropout: the Fisher of the deployed (eval-mode) model
     try:
-        # Parameters with nothing selected need no weight gradient: backward then skips their matmuls.
+        # Only the others take weight gradients: backward skips the weight matmuls of everything else.
         for name, p in params.items():
-            p.requires_grad_(name in selected)
-        with masked_grad_hooks({n: params[n] for n in selected}, {n: flat_index(m) for n, m in selected.items()},
-                               take):
-            for item in tqdm(items, desc="fisher", leave=False, disable=not progress):
-                batch = encode(tokenizer, [item.prompt], [item.answer])
+            p.requires_grad_(name in others)
+        chunks = list(batches(tokenizer, items, batch_size))
+        with (per_item_grads(model, layers, take),
+              masked_grad_hooks(others, {n: flat_index(selected[n]) for n in others},
+                                lambda name, g: take(name, g.float()[None]))):
+            for batch in tqdm(chunks, desc="fisher", leave=False, disable=not progress):
                 if config.kind == "empirical":
                     real, draws = answer_logprob(model, batch), []
                 else:

@@ -1,0 +1,97 @@
+"""Each item's own gradient at selected entries of Linear and Conv1D weights and biases, from one batched backward.
+
+A layer's weight gradient is a sum over tokens of (output gradient) x (input) outer products; kept apart per item
+instead of summed over the batch, it is each item's gradient, for the batch's cost. The diagonal Fisher needs
+these: the mean of the items' squared gradients, not the square of their mean. Only the rows x columns block
+around the selected entries is ever formed (a head's rows, a neuron's column), on the layer's device, in fp32.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import MansuError
+from .hooks import forward_hooks
+
+Take = Callable[[str, torch.Tensor], None]  # (parameter name, [items, selected entries]) as backward reaches it
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a selected parameter's per-item gradient is read: its layer, and the selected entries' block."""
+
+    module: nn.Module
+    bias: bool
+    conv1d: bool  # GPT-2's Conv1D stores its weight as [in, out]
+    rows: torch.Tensor  # output features holding a selected entry
+    cols: torch.Tensor | None  # input features holding one (a weight's)
+    where: torch.Tensor  # each selected entry's place in the flattened rows x cols block, in the mask's order
+
+
+def sites(model: nn.Module, mask: dict[str, torch.Tensor]) -> dict[str, Site]:
+    """A `Site` for every parameter of `mask` that is a Linear or Conv1D weight or bias; others are left out."""
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, m in mask.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else None
+        if attr not in ("weight", "bias") or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        flat = m.reshape(-1).nonzero().squeeze(1)  # in the order `tensor[mask]` gives the entries
+        conv1d = isinstance(module, Conv1D)
+        if attr == "bias":
+            out[name] = Site(module, True, conv1d, flat, None, torch.arange(len(flat), device=flat.device))
+            continue
+        stored_cols = m.shape[1]
+        first, second = flat // stored_cols, flat % stored_cols
+        row, col = (second, first) if conv1d else (first, second)  # output feature, input feature
+        rows, cols = row.unique(), col.unique()
+        where = torch.searchsorted(rows, row) * len(cols) + torch.searchsorted(cols, col)
+        out[name] = Site(module, False, conv1d, rows, cols, where)
+    return out
+
+
+@contextmanager
+def per_item_grads(model: nn.Module, found: dict[str, Site], take: Take) -> Iterator[None]:
+    """During every backward in the block, hand `take(name, grads)` each site's per-item gradient entries
+    ([items, selected], fp32), as backward reaches its layer. The input embeddings' output is made to require
+    grad, so backward reaches every layer with no parameter taking a gradient."""
+    calls: dict[str, int] = {}  # per site, calls of its layer in this forward
+
+    def read(name: str, site: Site) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            x = args[0].detach()
+            if x.dim() != 3:  # e.g. a mixture of experts' layer, fed the tokens routed to it from every item
+                raise MansuError(f"per-item gradients of {name!r} need its input as [items, tokens, features], "
+                                 f"got shape {tuple(x.shape)}")
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] > 1:  # its parts would have to be summed before squaring: the whole batch held
+                raise MansuError(f"{name!r}'s layer runs twice in one forward; per-item gradients need it once")
+            output.register_hook(lambda grad: take(name, entries(site, x, grad)))
+
+        return hook
+
+    def grad_from_here(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        calls.clear()  # a new forward begins
+        return None if output.requires_grad else output.detach().requires_grad_()
+
+    hooks = [(model.get_input_embeddings(), grad_from_here)]
+    hooks += [(site.module, read(name, site)) for name, site in found.items()]
+    with forward_hooks(hooks):
+        yield
+
+
+def entries(site: Site, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Per item, the gradient at the site's selected entries, from the layer's input and output gradient."""
+    out_grad = grad.float()[..., site.rows]  # [items, tokens, rows]
+    if site.bias:
+        return out_grad.sum(1)
+    block = torch.einsum("btr,btc->brc", out_grad, x.float()[..., site.cols])
+    return block.reshape(len(block), -1)[:, site.where]
