@@ -46,9 +46,10 @@ class HardenConfig:
     # 10,000 moves a round, not unlearn's 5,000: on the demo split GradDiff's hardening stalled at 0.40 / 0.60
     # (full / NF4) with 5,000; with 20,000 an NPO Trainer run lost 0.06 of NF4 utility, with 10,000 0.02
     # (docs/harden.md)
-    # No protection set by default: issue #12's four paths were measured without one (docs/harden.md)
+    # No protection set and unlearn's former retain sample by default: issue #12's four paths were measured so
+    # (docs/harden.md)
     edit: MansuConfig = field(default_factory=lambda: MansuConfig(edits_per_round=10_000, progress=False,
-                                                                  protect=None))
+                                                                  protect=None, retain_sample=64))
 
     def __post_init__(self) -> None:
         check_types(self)
