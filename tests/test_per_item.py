@@ -23,7 +23,7 @@ def test_a_layer_per_item_gradients_cannot_read_is_refused(how):
             return self.proj(x.reshape(-1, 4)) if how == "flattened" else self.proj(self.proj(x))
 
     model = Odd()
-    found = sites(model, {"proj.weight": torch.ones(4, 4, dtype=torch.bool)})
+    found = sites(model, {"proj.weight": torch.arange(16)})  # every entry, as flat indices
     match = r"\[items, tokens, features\]" if how == "flattened" else "runs twice in one forward"
     with pytest.raises(MansuError, match=match):
         with per_item_grads(model, found, lambda name, grads: None):

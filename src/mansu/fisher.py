@@ -205,7 +205,8 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
     generator = torch.Generator(input_device(model)).manual_seed(config.seed) if config.kind == "true" else None
     # Linear/Conv1D weights and biases give per-item gradients from a batched backward (mansu.per_item); any
     # other selected parameter takes autograd's gradient, which sums a batch: then one item per backward.
-    layers = sites(model, selected)
+    index = {n: flat_index(m) for n, m in selected.items()}
+    layers = sites(model, index)
     others = {n: params[n] for n in selected if n not in layers}
     batch_size = config.batch_size if not others else 1
     real_labels = True  # whether the running backward is of the real answers (else of sampled ones)
@@ -224,7 +225,7 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
             p.requires_grad_(name in others)
         chunks = list(batches(tokenizer, items, batch_size))
         with (per_item_grads(model, layers, take),
-              masked_grad_hooks(others, {n: flat_index(selected[n]) for n in others},
+              masked_grad_hooks(others, index,
                                 lambda name, g: take(name, g.float()[None]))):
             for batch in tqdm(chunks, desc="fisher", leave=False, disable=not progress):
                 if config.kind == "empirical":

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import MansuError
 from .hooks import forward_hooks
+from .projection import linear_like
 
 Take = Callable[[str, torch.Tensor], None]  # (parameter name, [items, selected entries]) as backward reaches it
 
@@ -26,33 +27,29 @@ class Site:
 
     module: nn.Module
     bias: bool
-    conv1d: bool  # GPT-2's Conv1D stores its weight as [in, out]
     rows: torch.Tensor  # output features holding a selected entry
     cols: torch.Tensor | None  # input features holding one (a weight's)
     where: torch.Tensor  # each selected entry's place in the flattened rows x cols block, in the mask's order
 
 
-def sites(model: nn.Module, mask: dict[str, torch.Tensor]) -> dict[str, Site]:
-    """A `Site` for every parameter of `mask` that is a Linear or Conv1D weight or bias; others are left out."""
-    from transformers.pytorch_utils import Conv1D
-
+def sites(model: nn.Module, index: dict[str, torch.Tensor]) -> dict[str, Site]:
+    """A `Site` for every parameter of `index` (its selected entries as `fisher.flat_index` gives them) that is a
+    Linear or Conv1D weight or bias; others are left out."""
     out = {}
-    for name, m in mask.items():
+    for name, flat in index.items():
         module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else None
-        if attr not in ("weight", "bias") or not isinstance(module, (nn.Linear, Conv1D)):
+        _, module, conv1d = linear_like(model, f"{module_name}.weight")
+        if attr not in ("weight", "bias") or module is None:
             continue
-        flat = m.reshape(-1).nonzero().squeeze(1)  # in the order `tensor[mask]` gives the entries
-        conv1d = isinstance(module, Conv1D)
         if attr == "bias":
-            out[name] = Site(module, True, conv1d, flat, None, torch.arange(len(flat), device=flat.device))
+            out[name] = Site(module, True, flat, None, torch.arange(len(flat), device=flat.device))
             continue
-        stored_cols = m.shape[1]
+        stored_cols = module.weight.shape[1]
         first, second = flat // stored_cols, flat % stored_cols
         row, col = (second, first) if conv1d else (first, second)  # output feature, input feature
         rows, cols = row.unique(), col.unique()
         where = torch.searchsorted(rows, row) * len(cols) + torch.searchsorted(cols, col)
-        out[name] = Site(module, False, conv1d, rows, cols, where)
+        out[name] = Site(module, False, rows, cols, where)
     return out
 
 
