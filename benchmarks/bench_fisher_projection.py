@@ -4,7 +4,7 @@
     python benchmarks/bench_fisher_projection.py --phase fisher
     python benchmarks/bench_fisher_projection.py --phases fisher fisher_one_by_one   # the side-by-side alone
 
-`fisher` reads every item's gradient from batched backwards (mansu.per_item); `fisher_one_by_one` is the same
+`fisher` reads every item's gradient from batched backwards (mansu.layer_grads); `fisher_one_by_one` is the same
 Fisher with one item per backward: the run prints the two side by side.
 
 The circuit is random heads and neurons of realistic size (5% of heads, 1% of neurons by default).

@@ -380,3 +380,24 @@ def test_rewordings_weigh_as_one_mean_beside_the_forget_items_mean(tokenizer, ca
     means = [float(forget_loss(editor.model, encode_forget(tokenizer, group, "choices"), "ga"))
              for group in (forget, variants)]
     assert len(variants) == 6 and both == pytest.approx(sum(means), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_descent_is_projected_on_the_circuit_block_alone(tokenizer, capitals, arch):
+    """The rounds project each tensor's forget descent on its circuit block (a head's rows, a neuron's column):
+    the same as projecting the whole weight's update and reading the mask, which the projector's tests check."""
+    model = make_tiny(arch, tokenizer)
+    circuit = mansu.attribute_circuit(model, tokenizer, capitals[:4],
+                                      config=mansu.CircuitConfig(top_k=3, mass=None, progress=False))
+    layout = quantized_weights(model)
+    mask = {n: m for n, m in circuit.mask(model).items() if m.any() and n in layout}
+    projector = mansu.null_space_projector(model, tokenizer, capitals[10:20], mask, progress=False)
+    fisher = diagonal_fisher(model, tokenizer, capitals[10:20], mask, progress=False)
+    editor = Editor(model, mask, layout, fisher, projector, mansu.MansuConfig(progress=False))
+    gen = torch.Generator().manual_seed(0)
+    for name, m in mask.items():
+        grad = torch.randn(int(m.sum()), generator=gen)
+        whole = projector.apply({name: editor.dense(name, -grad)})[name][m]
+        projected = editor.direction(name, grad)
+        assert torch.allclose(projected, whole, rtol=1e-4, atol=1e-6), name
+        assert not torch.allclose(projected, -grad, rtol=1e-2)  # the projection removed something

@@ -22,6 +22,36 @@ def test_answer_logprob_matches_manual_sum_and_ignores_padding(tiny_model):
         assert torch.allclose(batched[b], manual, atol=1e-4)
 
 
+def test_rows_of_similar_length_run_apart_with_the_same_values_and_gradients(tiny_model, capitals):
+    """On a CPU a batch runs as forwards over rows of similar length: each row's log-probability and the
+    parameters' gradient are those of one forward over the whole padded batch, in the batch's row order."""
+    model, tok = tiny_model
+    items = [capitals[0], Item("A much longer question that runs on and on, about", "nothing"), *capitals[1:6]]
+    batch = mansu.data.encode_items(tok, items)
+    lengths = batch.attention_mask.sum(1).tolist()
+    assert len(mansu.data.length_groups(lengths, 16 * torch.get_num_threads())) > 1  # it does split
+    grads = []
+    for by_length in (True, False):
+        model.zero_grad(set_to_none=True)
+        scores = answer_logprob(model, batch, by_length=by_length)
+        scores.sum().backward()
+        grads.append((scores.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (grouped, grouped_grads), (whole, whole_grads) = grads
+    assert torch.allclose(grouped, whole, atol=1e-4)
+    assert len(grouped_grads) == len(whole_grads)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grouped_grads, whole_grads))
+
+
+@pytest.mark.parametrize("lengths,cost,expected", [
+    ([7, 3, 7, 3, 3], 0, [[1, 3, 4], [0, 2]]),  # free forwards: one per length, shortest first
+    ([7, 3, 7, 3, 3], 100, [[1, 3, 4, 0, 2]]),  # dear forwards: one
+    ([4, 4, 4, 4, 20], 8, [[0, 1, 2, 3], [4]]),  # 16 + 8 + 20 + 8 tokens against 100 + 8
+    ([5], 16, [[0]]),
+])
+def test_length_groups_minimise_padded_tokens_and_forwards(lengths, cost, expected):
+    assert mansu.data.length_groups(lengths, cost) == expected
+
+
 def test_evaluate_picks_the_highest_likelihood_choice(tiny_model):
     model, tok = tiny_model
     items = [Item("Hello", "world", ("world", "there", "friend")), Item("One two", "three", ("three", "four"))]

@@ -136,7 +136,7 @@ def attribute(
         grads: dict[str, torch.Tensor] = {}
         for batch, k in tqdm(work, desc="attribute", leave=False, disable=not progress):
             with interpolated(model, names, baseline, k / steps) as seen:
-                metric = answer_logprob(model, batch).sum()
+                metric = answer_logprob(model, batch, by_length=False).sum()  # `seen`: one forward's activations
                 step_grads = torch.autograd.grad(metric, [seen[n] for n in names])
             for n, g in zip(names, step_grads):
                 grads[n] = grads.get(n, 0) + g.float()

@@ -284,6 +284,30 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def rows(self, index: Sequence[int]) -> "Batch":
+        """The rows `index`, in that order, trimmed to the longest of them."""
+        pick = torch.tensor(index, device=self.input_ids.device)
+        width = int(self.attention_mask[pick].sum(1).max())
+        return Batch(self.input_ids[pick, :width], self.attention_mask[pick, :width], self.target_mask[pick, : width - 1])
+
+
+def length_groups(lengths: Sequence[int], forward_cost: int) -> list[list[int]]:
+    """Row indices in groups of similar length (shortest first) that minimise the padded tokens run, counting
+    `forward_cost` tokens for each group's forward of its own."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    longest = [lengths[i] for i in order]
+    ends = [k + 1 for k in range(len(order)) if k + 1 == len(order) or longest[k + 1] != longest[k]]
+    best = {0: (0, 0)}  # rows taken -> (least cost, where its last group starts)
+    for end in ends:  # a group ends where the length changes: its rows are padded to its last row's length
+        best[end] = min((cost + (end - start) * longest[end - 1] + forward_cost, start)
+                        for start, (cost, _) in best.items())
+    groups, end = [], len(order)
+    while end:
+        start = best[end][1]
+        groups.append(order[start:end])
+        end = start
+    return groups[::-1]
+
 
 def split_tokens(tokenizer, prompt: str, continued: str) -> tuple[list[int], int]:
     """Token ids of `prompt + continued` read as one text, and the index of the first continuation token.

@@ -39,6 +39,7 @@ from .errors import MansuError
 from .evaluation import ChoiceBatch, answer_logprob, encode_forget, evaluate, fact_logprob
 from .fisher import BoundConfig, Fisher, Mask, bound_update, flat_index, masked_grad_hooks
 from .floor import floor_targets
+from .layer_grads import layer_grads, sites
 from .methods import RoundCallback, check_finite, forget_loss, retain_loss
 from .probes import Knowledge, knowledge
 from .projection import Projector
@@ -106,6 +107,7 @@ class Editor:
             # No block's absmax ever moves, so where an unmoved weight lands on a move up or down is fixed:
             # computed once, in the parameter's dtype. A move writes that value itself (w + delta rounds in bf16).
             self.up[name], self.down[name] = self.targets(name)
+        self.sites = sites(self.model, self.index)  # where the rounds read the circuit's gradients
         self.fisher, self.projector = fisher, projector
 
     def set_guide(self, guide: dict[str, torch.Tensor]) -> None:
@@ -176,7 +178,7 @@ class Editor:
             # kept 0.3 of the forget set (cross-capitals-20); NPO on the copy also stops pushing an item once that
             # format forgot it.
             exam = self.quantized if self.exam_format == cfg.format else quantized_copy(self.model, self.exam_format)
-            losses["forget_loss_exam"] = self._backward(passes(exam), exam_grads, step, dict(exam.named_parameters()))
+            losses["forget_loss_exam"] = self._backward(passes(exam), exam_grads, step, exam)
             del exam
         losses["forget_loss"] = self._backward(passes(self.model), forget_grads, step)
         losses["retain_nll"] = self._backward([lambda: retain_loss(self.model, retain_batch)], retain_grads, step)
@@ -188,17 +190,26 @@ class Editor:
         """`name`'s flat move direction: the guide's, or the forget descent (projected, with a projector)."""
         if self.guide is not None:  # the direction is given: nothing to project
             return self.guide[name]
-        step_dir = self.dense(name, -forget_grad)
-        if self.projector is not None:
-            step_dir = self.projector.apply({name: step_dir})[name]
-        return step_dir[self.mask[name]]
+        layer = self.projector.layers.get(name) if self.projector is not None else None
+        if layer is None:
+            return -forget_grad
+        # The projector checked that the mask is a whole rows x columns block, over its columns S: projected on
+        # that block alone, not on the whole weight (a head's rows are a ninth of q_proj's).
+        site = self.sites[name]
+        block = torch.empty(len(site.rows) * len(site.cols), dtype=forget_grad.dtype, device=forget_grad.device)
+        block[site.where] = -forget_grad
+        return layer.project(block.view(len(site.rows), -1)).reshape(-1)[site.where]
 
     def _backward(self, losses: Sequence[Callable[[], torch.Tensor]], into: Flat, step: int,
-                  params: dict[str, torch.nn.Parameter] | None = None) -> float:
-        """Backward of each of `losses` in turn (one chunk's graph in memory at a time), with only the circuit's
-        weights (of `params`: the model's by default) taking gradients, summed flat (fp32) into `into`; their
-        summed value."""
-        params = self.params if params is None else params
+                  model: torch.nn.Module | None = None) -> float:
+        """Backward of each of `losses` in turn (one chunk's graph in memory at a time), summing the gradients of
+        the circuit's weights (of `model`: the edited one by default) flat (fp32) into `into`; their summed value.
+        Linear/Conv1D weights read theirs from layer hooks over their circuit block (`mansu.layer_grads`); any
+        other circuit parameter takes autograd's, read at its entries; no other parameter takes a gradient."""
+        model = self.model if model is None else model
+        params = dict(model.named_parameters())
+        layers = self.sites if model is self.model else sites(model, self.index)
+        others = {n: params[n] for n in self.mask if n not in layers}
         flags = {n: p.requires_grad for n, p in params.items()}
 
         def take(name: str, entries: torch.Tensor) -> None:
@@ -208,8 +219,8 @@ class Editor:
         total = 0.0
         try:
             for n, p in params.items():
-                p.requires_grad_(n in self.mask)  # backward skips the weight gradients of everything else
-            with masked_grad_hooks({n: params[n] for n in self.mask}, self.index, take):
+                p.requires_grad_(n in others)  # backward skips every weight gradient but these
+            with layer_grads(model, layers, take, per_item=False), masked_grad_hooks(others, self.index, take):
                 for loss_fn in losses:
                     loss = loss_fn()
                     check_finite(loss, step)

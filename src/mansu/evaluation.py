@@ -7,14 +7,34 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Batch, Item, encode, encode_items
+from .data import Batch, Item, encode, encode_items, length_groups
 from .errors import MansuError
 from .models import input_device
 from .results import Result
 
 
-def answer_logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed log-probability (fp32) of each row's answer tokens, shape [B], on the logits' device; differentiable."""
+# A CPU forward of the embedded model costs ~3.2 ms per padded token on one thread, ~1.7 ms on two, plus ~55 ms
+# whatever the tokens (every weight read once): 17 tokens' worth per thread (`python benchmarks/bench_round.py`,
+# its first line; docs/method.md). Grouping rows by length pays only past that.
+CPU_FORWARD_TOKENS_PER_THREAD = 16
+
+
+def answer_logprob(model: torch.nn.Module, batch: Batch, by_length: bool = True) -> torch.Tensor:
+    """Summed log-probability (fp32) of each row's answer tokens, shape [B], on the logits' device; differentiable.
+    On a CPU, where a forward's cost follows its padded tokens, rows of similar length run as one forward each
+    (`length_groups`); `by_length=False` runs the batch as one forward, for hooks that read one forward's
+    activations. On an accelerator a short forward costs about its launches: the batch stays one."""
+    if by_length and input_device(model).type == "cpu":
+        groups = length_groups(batch.attention_mask.sum(1).tolist(),
+                               CPU_FORWARD_TOKENS_PER_THREAD * torch.get_num_threads())
+        if len(groups) > 1:
+            scores = torch.cat([_logprob(model, batch.rows(g)) for g in groups])
+            return scores[torch.tensor([i for g in groups for i in g]).argsort().to(scores.device)]
+    return _logprob(model, batch)
+
+
+def _logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """`answer_logprob` of a batch in one forward."""
     batch = batch.to(input_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)

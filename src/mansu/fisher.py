@@ -1,7 +1,7 @@
 """Diagonal Fisher of the retain set over a parameter mask, and the retain bound 0.5 * sum F_i delta_i^2.
 
 F_i = mean over retain items of (d log p(answer | prompt) / d theta_i)^2, each item's own gradient
-(mansu.per_item reads them from a batched backward): the square of a batch-mean gradient is not the
+(mansu.layer_grads reads them from a batched backward): the square of a batch-mean gradient is not the
 Fisher (it drops the per-example variance that makes up most of it). "empirical" uses the real
 answer tokens; "true" samples each answer token from the model's own prediction at that position
 (teacher-forced on the real prefix), which makes the estimate the model's Fisher: the Hessian of the
@@ -23,7 +23,7 @@ from .config import check_types
 from .errors import MansuError
 from .evaluation import answer_logprob
 from .models import input_device, require_loaded
-from .per_item import per_item_grads, sites
+from .layer_grads import layer_grads, sites
 from .results import Result
 
 Mask = dict[str, torch.Tensor]
@@ -203,7 +203,7 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
                for n, m in selected.items()}
     grad_sums = {n: torch.zeros_like(v) for n, v in squares.items()}
     generator = torch.Generator(input_device(model)).manual_seed(config.seed) if config.kind == "true" else None
-    # Linear/Conv1D weights and biases give per-item gradients from a batched backward (mansu.per_item); any
+    # Linear/Conv1D weights and biases give per-item gradients from a batched backward (mansu.layer_grads); any
     # other selected parameter takes autograd's gradient, which sums a batch: then one item per backward.
     index = {n: flat_index(m) for n, m in selected.items()}
     layers = sites(model, index)
@@ -224,7 +224,7 @@ def diagonal_fisher(model: torch.nn.Module, tokenizer, items: Sequence[Item], ma
         for name, p in params.items():
             p.requires_grad_(name in others)
         chunks = list(batches(tokenizer, items, batch_size))
-        with (per_item_grads(model, layers, take),
+        with (layer_grads(model, layers, take),
               masked_grad_hooks(others, index,
                                 lambda name, g: take(name, g.float()[None]))):
             for batch in tqdm(chunks, desc="fisher", leave=False, disable=not progress):

@@ -58,11 +58,14 @@ class LayerProjector:
         (this projector knows nothing of their retain inputs)."""
         d = delta.T if self.conv1d else delta  # [out, in]
         cols = self.columns.to(d.device)
-        u = self.basis.to(d.device, d.dtype)
-        block = d[:, cols]
         out = d.clone()
-        out[:, cols] = block - (block @ u) @ u.T
+        out[:, cols] = self.project(d[:, cols])
         return out.T if self.conv1d else out
+
+    def project(self, block: torch.Tensor) -> torch.Tensor:
+        """block (I - U U^T) for a block of rows over exactly the columns S, in S's order."""
+        u = self.basis.to(block.device, block.dtype)
+        return block - (block @ u) @ u.T
 
 
 @dataclass(repr=False)

@@ -1,9 +1,11 @@
-"""Each item's own gradient at selected entries of Linear and Conv1D weights and biases, from one batched backward.
+"""Gradients at selected entries of Linear and Conv1D weights and biases, read from layer hooks during backward.
 
-A layer's weight gradient is a sum over tokens of (output gradient) x (input) outer products; kept apart per item
-instead of summed over the batch, it is each item's gradient, for the batch's cost. The diagonal Fisher needs
-these: the mean of the items' squared gradients, not the square of their mean. Only the rows x columns block
-around the selected entries is ever formed (a head's rows, a neuron's column), on the layer's device, in fp32.
+A layer's weight gradient is a sum over tokens of (output gradient) x (input) outer products. Only the rows x
+columns block around the selected entries is ever formed (a head's rows, a neuron's column), on the layer's
+device, in fp32, and no weight takes an autograd gradient: autograd would form every circuit tensor's whole
+gradient. Kept apart per item instead of summed over the batch, it is each item's gradient, for the batch's cost:
+the diagonal Fisher needs these (the mean of the items' squared gradients, not the square of their mean); the
+edit's rounds need the batch's sum.
 """
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ from .errors import MansuError
 from .hooks import forward_hooks
 from .projection import linear_like
 
-Take = Callable[[str, torch.Tensor], None]  # (parameter name, [items, selected entries]) as backward reaches it
+Take = Callable[[str, torch.Tensor], None]  # (parameter name, its gradient entries) as backward reaches it
 
 
 @dataclass(frozen=True)
 class Site:
-    """Where a selected parameter's per-item gradient is read: its layer, and the selected entries' block."""
+    """Where a selected parameter's gradient is read: its layer, and the selected entries' block."""
 
     module: nn.Module
     bias: bool
@@ -54,24 +56,26 @@ def sites(model: nn.Module, index: dict[str, torch.Tensor]) -> dict[str, Site]:
 
 
 @contextmanager
-def per_item_grads(model: nn.Module, found: dict[str, Site], take: Take) -> Iterator[None]:
-    """During every backward in the block, hand `take(name, grads)` each site's per-item gradient entries
-    ([items, selected], fp32), as backward reaches its layer. The input embeddings' output is made to require
-    grad, so backward reaches every layer with no parameter taking a gradient."""
+def layer_grads(model: nn.Module, found: dict[str, Site], take: Take, per_item: bool = True) -> Iterator[None]:
+    """During every backward in the block, hand `take(name, grads)` each site's gradient entries (fp32) as backward
+    reaches its layer: per item ([items, selected]), or summed over the batch ([selected]; a layer run twice in
+    one forward hands over each call's part). The input embeddings' output is made to require grad, so backward
+    reaches every layer with no parameter taking a gradient."""
     calls: dict[str, int] = {}  # per site, calls of its layer in this forward
+    read_grads = entries if per_item else summed
 
     def read(name: str, site: Site) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if not output.requires_grad:
                 return
             x = args[0].detach()
-            if x.dim() != 3:  # e.g. a mixture of experts' layer, fed the tokens routed to it from every item
+            if per_item and x.dim() != 3:  # e.g. a mixture of experts' layer, fed the tokens routed from every item
                 raise MansuError(f"per-item gradients of {name!r} need its input as [items, tokens, features], "
                                  f"got shape {tuple(x.shape)}")
             calls[name] = calls.get(name, 0) + 1
-            if calls[name] > 1:  # its parts would have to be summed before squaring: the whole batch held
+            if per_item and calls[name] > 1:  # its parts would have to be summed before squaring
                 raise MansuError(f"{name!r}'s layer runs twice in one forward; per-item gradients need it once")
-            output.register_hook(lambda grad: take(name, entries(site, x, grad)))
+            output.register_hook(lambda grad: take(name, read_grads(site, x, grad)))
 
         return hook
 
@@ -92,3 +96,12 @@ def entries(site: Site, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return out_grad.sum(1)
     block = torch.einsum("btr,btc->brc", out_grad, x.float()[..., site.cols])
     return block.reshape(len(block), -1)[:, site.where]
+
+
+def summed(site: Site, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The batch's gradient at the site's selected entries: every token's part summed, as autograd's is."""
+    out_grad = grad.float()[..., site.rows].reshape(-1, len(site.rows))  # [tokens, rows]
+    if site.bias:
+        return out_grad.sum(0)
+    block = out_grad.T @ x.float()[..., site.cols].reshape(-1, len(site.cols))
+    return block.reshape(-1)[site.where]
