@@ -1,5 +1,6 @@
 """The edit loop: how moves are scored, the retain guard, the quantized twin, growth and the ablation switches."""
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -401,3 +402,7 @@ def test_the_descent_is_projected_on_the_circuit_block_alone(tokenizer, capitals
         projected = editor.direction(name, grad)
         assert torch.allclose(projected, whole, rtol=1e-4, atol=1e-6), name
         assert not torch.allclose(projected, -grad, rtol=1e-2)  # the projection removed something
+    name, layer = next(iter(projector.layers.items()))  # a projector built for other columns is refused
+    projector.layers[name] = dataclasses.replace(layer, columns=layer.columns[1:], basis=layer.basis[1:])
+    with pytest.raises(mansu.MansuError, match="other columns than the circuit's"):
+        Editor(model, mask, layout, fisher, projector, mansu.MansuConfig(progress=False))

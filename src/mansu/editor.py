@@ -108,6 +108,9 @@ class Editor:
             # computed once, in the parameter's dtype. A move writes that value itself (w + delta rounds in bf16).
             self.up[name], self.down[name] = self.targets(name)
         self.sites = sites(self.model, self.index)  # where the rounds read the circuit's gradients
+        for name, layer in (projector.layers.items() if projector is not None else ()):
+            if name in mask and not torch.equal(layer.columns.to(self.sites[name].cols.device), self.sites[name].cols):
+                raise MansuError(f"the projector of {name!r} was built for other columns than the circuit's")
         self.fisher, self.projector = fisher, projector
 
     def set_guide(self, guide: dict[str, torch.Tensor]) -> None:
@@ -193,10 +196,10 @@ class Editor:
         layer = self.projector.layers.get(name) if self.projector is not None else None
         if layer is None:
             return -forget_grad
-        # The projector checked that the mask is a whole rows x columns block, over its columns S: projected on
-        # that block alone, not on the whole weight (a head's rows are a ninth of q_proj's).
+        # Projected on the circuit's rows x columns block alone (its columns are the projector's S, checked in
+        # `extend`), not on the whole weight: a head's rows are a ninth of q_proj's.
         site = self.sites[name]
-        block = torch.empty(len(site.rows) * len(site.cols), dtype=forget_grad.dtype, device=forget_grad.device)
+        block = torch.zeros(len(site.rows) * len(site.cols), dtype=forget_grad.dtype, device=forget_grad.device)
         block[site.where] = -forget_grad
         return layer.project(block.view(len(site.rows), -1)).reshape(-1)[site.where]
 
