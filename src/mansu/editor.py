@@ -107,7 +107,7 @@ class Editor:
             # No block's absmax ever moves, so where an unmoved weight lands on a move up or down is fixed:
             # computed once, in the parameter's dtype. A move writes that value itself (w + delta rounds in bf16).
             self.up[name], self.down[name] = self.targets(name)
-        self.sites = sites(self.model, self.index)  # where the rounds read the circuit's gradients
+        self.sites = sites(self.model, self.index)  # where the rounds read the circuit's gradients, in any copy
         for name, layer in (projector.layers.items() if projector is not None else ()):
             if name in mask and not torch.equal(layer.columns.to(self.sites[name].cols.device), self.sites[name].cols):
                 raise MansuError(f"the projector of {name!r} was built for other columns than the circuit's")
@@ -211,8 +211,7 @@ class Editor:
         other circuit parameter takes autograd's, read at its entries; no other parameter takes a gradient."""
         model = self.model if model is None else model
         params = dict(model.named_parameters())
-        layers = self.sites if model is self.model else sites(model, self.index)
-        others = {n: params[n] for n in self.mask if n not in layers}
+        others = {n: params[n] for n in self.mask if n not in self.sites}
         flags = {n: p.requires_grad for n, p in params.items()}
 
         def take(name: str, entries: torch.Tensor) -> None:
@@ -223,7 +222,7 @@ class Editor:
         try:
             for n, p in params.items():
                 p.requires_grad_(n in others)  # backward skips every weight gradient but these
-            with layer_grads(model, layers, take, per_item=False), masked_grad_hooks(others, self.index, take):
+            with layer_grads(model, self.sites, take, per_item=False), masked_grad_hooks(others, self.index, take):
                 for loss_fn in losses:
                     loss = loss_fn()
                     check_finite(loss, step)

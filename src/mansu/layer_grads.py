@@ -25,9 +25,10 @@ Take = Callable[[str, torch.Tensor], None]  # (parameter name, its gradient entr
 
 @dataclass(frozen=True)
 class Site:
-    """Where a selected parameter's gradient is read: its layer, and the selected entries' block."""
+    """Where a selected parameter's gradient is read: its layer's name (the same in any copy of the model, so one
+    site serves the twin and the exam copies too), and the selected entries' block."""
 
-    module: nn.Module
+    module: str
     bias: bool
     rows: torch.Tensor  # output features holding a selected entry
     cols: torch.Tensor | None  # input features holding one (a weight's)
@@ -44,14 +45,14 @@ def sites(model: nn.Module, index: dict[str, torch.Tensor]) -> dict[str, Site]:
         if attr not in ("weight", "bias") or module is None:
             continue
         if attr == "bias":
-            out[name] = Site(module, True, flat, None, torch.arange(len(flat), device=flat.device))
+            out[name] = Site(module_name, True, flat, None, torch.arange(len(flat), device=flat.device))
             continue
         stored_cols = module.weight.shape[1]
         first, second = flat // stored_cols, flat % stored_cols
         row, col = (second, first) if conv1d else (first, second)  # output feature, input feature
         rows, cols = row.unique(), col.unique()
         where = torch.searchsorted(rows, row) * len(cols) + torch.searchsorted(cols, col)
-        out[name] = Site(module, False, rows, cols, where)
+        out[name] = Site(module_name, False, rows, cols, where)
     return out
 
 
@@ -69,12 +70,13 @@ def layer_grads(model: nn.Module, found: dict[str, Site], take: Take, per_item: 
             if not output.requires_grad:
                 return
             x = args[0].detach()
-            if per_item and x.dim() != 3:  # e.g. a mixture of experts' layer, fed the tokens routed from every item
-                raise MansuError(f"per-item gradients of {name!r} need its input as [items, tokens, features], "
-                                 f"got shape {tuple(x.shape)}")
-            calls[name] = calls.get(name, 0) + 1
-            if per_item and calls[name] > 1:  # its parts would have to be summed before squaring
-                raise MansuError(f"{name!r}'s layer runs twice in one forward; per-item gradients need it once")
+            if per_item:  # summed over the batch, any input shape and any number of calls add up
+                if x.dim() != 3:  # e.g. a mixture of experts' layer, fed the tokens routed from every item
+                    raise MansuError(f"per-item gradients of {name!r} need its input as [items, tokens, features], "
+                                     f"got shape {tuple(x.shape)}")
+                calls[name] = calls.get(name, 0) + 1
+                if calls[name] > 1:  # its parts would have to be summed before squaring
+                    raise MansuError(f"{name!r}'s layer runs twice in one forward; per-item gradients need it once")
             output.register_hook(lambda grad: take(name, read_grads(site, x, grad)))
 
         return hook
@@ -84,7 +86,7 @@ def layer_grads(model: nn.Module, found: dict[str, Site], take: Take, per_item: 
         return None if output.requires_grad else output.detach().requires_grad_()
 
     hooks = [(model.get_input_embeddings(), grad_from_here)]
-    hooks += [(site.module, read(name, site)) for name, site in found.items()]
+    hooks += [(model.get_submodule(site.module), read(name, site)) for name, site in found.items()]
     with forward_hooks(hooks):
         yield
 
