@@ -326,11 +326,13 @@ def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer
     assert losses[1][1] < losses[0][1] - 1.0  # the answer's own log-prob falls with the shift
 
 
-def test_variants_join_the_forget_objective_and_the_stop_reads_the_items(tokenizer, capitals, monkeypatch):
+def test_variants_join_the_forget_objective_in_turn_and_the_stop_reads_the_items(tokenizer, capitals, monkeypatch):
+    """Each round's objective reads the forget items and its share of the rewordings (`in_turn`); the references
+    are read once, before any move; the stopping rule reads the items alone."""
     import mansu.editor as editor_module
 
-    editor = random_editor("llama", tokenizer, capitals, max_rounds=1, exam_formats=())
-    forget, variants = capitals[:3], mansu.data.prompt_variants(capitals[:3], ["quoted"])
+    editor = random_editor("llama", tokenizer, capitals, max_rounds=3, exam_formats=())
+    forget, variants = capitals[:3], mansu.data.prompt_variants(capitals[:3], ["quoted", "fact"])
     seen = {"scored": [], "objective": []}
     encode, knowledge = editor_module.encode_forget, editor_module.knowledge
 
@@ -344,10 +346,27 @@ def test_variants_join_the_forget_objective_and_the_stop_reads_the_items(tokeniz
 
     monkeypatch.setattr(editor_module, "encode_forget", encode_spy)
     monkeypatch.setattr(editor_module, "knowledge", knowledge_spy)
+    monkeypatch.setattr(editor, "forgotten", lambda full, score: False)  # a random model knows nothing to forget
     rounds, _, _ = editor.run(tokenizer, forget, capitals[10:20], variants=variants)
-    assert seen["objective"] == [*forget, *variants] and len(variants) == 3
+    picks = [variants[i] for step in range(1, len(rounds) + 1) for i in editor_module.in_turn(6, 3, step)]
+    assert len(variants) == 6 and len(rounds) >= 2
+    assert seen["objective"] == [*forget, *variants, *picks]
     assert seen["scored"] and all(items == forget for items in seen["scored"])
     assert rounds[0]["moves"] > 0
+
+
+@pytest.mark.parametrize("n, per_round", [(20, 5), (19, 5), (7, 3), (3, 3), (1, 4)])
+def test_in_turn_reads_each_rewording_once_in_every_k_rounds(n, per_round):
+    """`in_turn`: about `per_round` rewordings a round, a mix of kinds (item-major order), each once per cycle."""
+    from mansu.editor import in_turn
+
+    k = -(-n // per_round)
+    cycle = [in_turn(n, per_round, step) for step in range(1, k + 1)]
+    assert sorted(j for picks in cycle for j in picks) == list(range(n))  # each once in k rounds
+    assert all(len(picks) in (per_round - 1, per_round) or n <= per_round for picks in cycle)
+    assert in_turn(n, per_round, k + 1) == cycle[0]
+    if n == 20:  # four kinds of five items: round 1 reads kinds 0, 1, 2, 3, 0 of items 0..4
+        assert [j % 4 for j in cycle[0]] == [0, 1, 2, 3, 0]
 
 
 @pytest.mark.parametrize("forget_on", ["choices", "answer"])
@@ -377,7 +396,8 @@ def test_rewordings_weigh_as_one_mean_beside_the_forget_items_mean(tokenizer, ca
     editor = random_editor("llama", tokenizer, capitals, objective="ga")
     forget, variants = capitals[:3], mansu.data.prompt_variants(capitals[:3], ["quoted", "fact"])
     retain_batch = encode_items(tokenizer, capitals[10:14])
-    both = editor.gradients(editor.chunks(tokenizer, forget, variants), retain_batch, 1)[3]["forget_loss"]
+    chunks = editor.chunks(tokenizer, forget) + editor.chunks(tokenizer, variants)
+    both = editor.gradients(chunks, retain_batch, 1)[3]["forget_loss"]
     means = [float(forget_loss(editor.model, encode_forget(tokenizer, group, "choices"), "ga"))
              for group in (forget, variants)]
     assert len(variants) == 6 and both == pytest.approx(sum(means), rel=1e-5)

@@ -323,14 +323,16 @@ class Editor:
             variants: Sequence[Item] = ()) -> tuple[list[dict[str, Any]], bool, str]:
         """Rounds until the forget set is forgotten in full precision, on the twin and in the exam formats (the
         rounds, converged, and why it stopped). `variants` (rewordings of the forget items) join the forget
-        objective with a mean of their own (`chunks`), not the stopping rule: it reads the items asked for. On a
+        objective with a mean of their own (`chunks`), about one per item each round (`in_turn`), not the
+        stopping rule: it reads the items asked for. On a
         stall, `grow(editor)` may extend the circuit; False when it cannot. `callback(record)` sees each round; a
         true return stops the run."""
         cfg = self.config
         rng = random.Random(cfg.seed)
         guard_items = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
         guard_batch = encode_items(tokenizer, guard_items)
-        chunks = self.chunks(tokenizer, forget, variants)
+        forget_chunks = self.chunks(tokenizer, forget)
+        variant_refs = self.references(tokenizer, variants)
         with torch.no_grad():
             guard_ref = self.nll(guard_batch)
         anchor = Anchor(self, tokenizer, load_anchor(cfg.anchor, forget)) if cfg.anchor_guard is not None else None
@@ -340,6 +342,11 @@ class Editor:
         for step in bar:
             tick = time.perf_counter()
             retain_batch = encode_items(tokenizer, rng.sample(list(retain), min(cfg.retain_sample, len(retain))))
+            chunks = forget_chunks
+            if variants:
+                picked = in_turn(len(variants), len(forget), step)
+                chunks = chunks + self.chunks(tokenizer, [variants[i] for i in picked],
+                                              None if variant_refs is None else variant_refs[picked])
             forget_grads, retain_grads, directions, losses = self.gradients(chunks, retain_batch, step)
             moves = self.propose(forget_grads, retain_grads, directions)
             record: dict[str, Any] = {"round": step, **losses, "circuit_params": self.circuit_params(),
@@ -392,20 +399,28 @@ class Editor:
                 record["grown_to"] = self.circuit_params()
         return rounds, False, "max_rounds"
 
-    @torch.no_grad()
-    def chunks(self, tokenizer, forget: Sequence[Item], variants: Sequence[Item] = ()) -> list[Chunk]:
-        """The forget objective in chunks of `FORGET_CHUNK` items: the mean over the forget items plus the mean
-        over their rewordings. One mean over both diluted each fact's push (with four rewordings each, to a fifth)
-        while its retain harm kept its weight: same-capitals-10 stalled at 0.50 (dur12, docs/method.md); half of
-        each stalled same-opposites-10 at 0.80 (dur19)."""
+    def chunks(self, tokenizer, items: Sequence[Item], refs: torch.Tensor | None = None) -> list[Chunk]:
+        """The mean forget objective over `items` in chunks of `FORGET_CHUNK` items, each weighted by its share of
+        them; `refs`: (NPO) their log-probs before the edit, read now when not given. `run` sums two such means,
+        the forget items' and their rewordings': one mean over both diluted each fact's push (with four
+        rewordings each, to a fifth) while its retain harm kept its weight: same-capitals-10 stalled at 0.50
+        (dur12, docs/method.md); half of each stalled same-opposites-10 at 0.80 (dur19)."""
         out = []
-        for group in (forget, variants):
-            for start in range(0, len(group), FORGET_CHUNK):
-                part = group[start : start + FORGET_CHUNK]
-                batch = encode_forget(tokenizer, part, self.config.forget_on)
-                ref = fact_logprob(self.model, batch) if self.config.objective == "npo" else None
-                out.append((batch, ref, len(part) / len(group)))
+        for start in range(0, len(items), FORGET_CHUNK):
+            part = items[start : start + FORGET_CHUNK]
+            batch = encode_forget(tokenizer, part, self.config.forget_on)
+            ref = refs[start : start + len(part)] if refs is not None else None
+            if ref is None and self.config.objective == "npo":
+                with torch.no_grad():
+                    ref = fact_logprob(self.model, batch)
+            out.append((batch, ref, len(part) / len(items)))
         return out
+
+    def references(self, tokenizer, items: Sequence[Item]) -> torch.Tensor | None:
+        """(NPO) `items`' log-probs now, before the edit, for rounds that read some of them at a time; else None."""
+        if self.config.objective != "npo" or not items:
+            return None
+        return torch.cat([ref for _, ref, _ in self.chunks(tokenizer, items)])
 
     def guarded(self, batch: Batch, reference: tuple[float, float], anchor: "Anchor | None",
                 record: dict[str, Any]) -> bool:
@@ -477,6 +492,16 @@ class Anchor:
     def drop(self) -> tuple[float, float]:
         """How far each reading fell since the edit began (negative: it rose)."""
         return tuple(before - after for before, after in zip(self.before, self.read()))
+
+
+def in_turn(n: int, per_round: int, step: int) -> list[int]:
+    """Which of `n` rewordings round `step` (from 1) reads: one of each run of k = ceil(n / per_round), so about
+    `per_round` a round and each once in every k rounds. All of them each round made a round cost twice as much
+    with four kinds (cross-cities-5, dur28, docs/method.md)."""
+    k = max(1, math.ceil(n / per_round))
+    # The pick moves by one in each next run too: rewordings come item by item, kind by kind, so a round reads
+    # a mix of kinds, not one kind for every item.
+    return [j for j in range(n) if (j - j // k - (step - 1)) % k == 0]
 
 
 def _count(moves: Flat) -> int:

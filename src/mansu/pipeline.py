@@ -2,7 +2,7 @@
 
 0. with `protect` (the default), a bundled general-knowledge set joins the retain set for every step below; with
    `forget_variants`, generated rewordings of each forget item (mansu.data.prompt_variants) join steps 1
-   and 3's forget objective; the stopping rule reads the items themselves
+   and 3's forget objective (about one per item each round); the stopping rule reads the items themselves
 1. attribute the forget circuit (EAP-IG)            -> only its parameters may move
 2. diagonal Fisher and null-space projectors on the retain set
 3. rounds (mansu.editor): every candidate weight moves to the neighbouring NF4 level in the projected forget
