@@ -167,6 +167,33 @@ def test_a_stalled_circuit_grows_and_the_result_says_why_it_stopped(tokenizer, c
     assert "stop_reason=" in repr(result)
 
 
+@pytest.mark.parametrize("falls, objective, growths", [(True, "npo", 0), (False, "npo", 2), (True, "ga", 2)])
+def test_a_falling_npo_objective_is_progress_though_no_belief_moves(tokenizer, capitals, monkeypatch, falls,
+                                                                     objective, growths):
+    """Beliefs held at 0.9 for four rounds (patience 1): an NPO objective falling 10% a round is forgetting being
+    done, so no growth; a flat one, or GA's (which never saturates), grows at rounds 2 and 4."""
+    import mansu.editor as editor_module
+    from mansu.probes import Knowledge
+
+    editor = random_editor("llama", tokenizer, capitals, max_rounds=4, exam_formats=(), patience=1,
+                           objective=objective)
+    monkeypatch.setattr(editor, "forgotten", lambda full, score: False)
+    monkeypatch.setattr(editor_module, "knowledge", lambda model, tok, items: Knowledge(0.9, 0.9))
+    gradients = editor.gradients
+
+    def scripted(chunks, retain_batch, step):
+        *out, losses = gradients(chunks, retain_batch, step)
+        return (*out, losses | {"forget_loss": 0.9 ** step if falls else 1.0})
+
+    monkeypatch.setattr(editor, "gradients", scripted)
+    grown, rounds_seen = [], []
+    rounds, _, reason = editor.run(tokenizer, capitals[:3], capitals[10:20],
+                                   grow=lambda e: grown.append(len(rounds_seen)) or True,
+                                   callback=lambda record: rounds_seen.append(record["round"]) and False)
+    assert reason == "max_rounds" and len(rounds) == 4
+    assert grown == ([] if growths == 0 else [2, 4])
+
+
 def test_a_grown_circuit_keeps_every_tensor_it_had():
     """A wider attribution may drop a component the narrower one selected; the grown circuit keeps it, so the
     projector and Fisher (computed on the grown mask) cover every weight the edit may already have moved."""
