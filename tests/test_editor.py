@@ -194,6 +194,30 @@ def test_a_falling_npo_objective_is_progress_though_no_belief_moves(tokenizer, c
     assert grown == ([] if growths == 0 else [2, 4])
 
 
+def test_a_stall_with_no_growth_left_drops_the_rewordings_before_the_run_gives_up(tokenizer, capitals, monkeypatch):
+    """No progress (patience 1), no growth: round 2 stalls and the rewordings leave the objective; round 4 stalls
+    again, and the run stops there."""
+    import mansu.editor as editor_module
+    from mansu.probes import Knowledge
+
+    editor = random_editor("llama", tokenizer, capitals, max_rounds=8, exam_formats=(), patience=1)
+    monkeypatch.setattr(editor, "forgotten", lambda full, score: False)
+    monkeypatch.setattr(editor_module, "knowledge", lambda model, tok, items: Knowledge(0.9, 0.9))
+    gradients, chunks_read = editor.gradients, []
+
+    def flat(chunks, retain_batch, step):
+        chunks_read.append(len(chunks))
+        *out, losses = gradients(chunks, retain_batch, step)
+        return (*out, losses | {"forget_loss": 1.0})
+
+    monkeypatch.setattr(editor, "gradients", flat)
+    variants = mansu.data.prompt_variants(capitals[:3], ["quoted"])
+    rounds, converged, reason = editor.run(tokenizer, capitals[:3], capitals[10:20], variants=variants)
+    assert (converged, reason, len(rounds)) == (False, "stalled", 4)
+    assert [r.get("rewordings_dropped", False) for r in rounds] == [False, True, False, False]
+    assert chunks_read == [2, 2, 1, 1]  # the forget items' chunk, and the rewordings' while they are in
+
+
 def test_a_grown_circuit_keeps_every_tensor_it_had():
     """A wider attribution may drop a component the narrower one selected; the grown circuit keeps it, so the
     projector and Fisher (computed on the grown mask) cover every weight the edit may already have moved."""

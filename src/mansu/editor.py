@@ -323,8 +323,8 @@ class Editor:
             variants: Sequence[Item] = ()) -> tuple[list[dict[str, Any]], bool, str]:
         """Rounds until the forget set is forgotten in full precision, on the twin and in the exam formats (the
         rounds, converged, and why it stopped). `variants` (rewordings of the forget items) join the forget
-        objective with a mean of their own (`chunks`), about one per item each round (`in_turn`), not the
-        stopping rule: it reads the items asked for. On a
+        objective with a mean of their own (`chunks`), about one per item each round (`in_turn`), until a stall
+        that no growth is left for; not the stopping rule: it reads the items asked for. On a
         stall, `grow(editor)` may extend the circuit; False when it cannot. `callback(record)` sees each round; a
         true return stops the run."""
         cfg = self.config
@@ -387,10 +387,9 @@ class Editor:
             if stop:
                 return rounds, False, "callback"
             # Progress is the forgetting still to do: the mean belief in the answers, full and quantized, or (NPO)
-            # the forget objective. Beliefs near 1 move by whole items, and rewordings are forgotten first: with
-            # them same-opposites-10 stalled at 0.70 after three growths while its objective fell 5-15% a round
-            # (dur28, docs/method.md). NPO's objective saturates once an item is forgotten, so its fall is
-            # forgetting being done; GA's never saturates.
+            # the forget objective. Beliefs near 1 move by whole items, and rewordings are forgotten first (with
+            # them same-opposites-10's objective fell 5-15% a round while its belief sat at 0.9, dur28). NPO's
+            # objective saturates once an item is forgotten, so its fall is forgetting being done; GA's never does.
             belief, loss = (full.belief + quant.belief) / 2, losses["forget_loss"]
             if belief < best * (1 - cfg.min_progress) or (
                     cfg.objective == "npo" and loss < best_loss * (1 - cfg.min_progress)):
@@ -399,10 +398,17 @@ class Editor:
                 since_best += 1
             best, best_loss = min(best, belief), min(best_loss, loss)
             if not moves or since_best >= cfg.patience:
-                if grow is None or not grow(self):
+                if grow is not None and grow(self):
+                    record["grown_to"] = self.circuit_params()
+                elif variants:
+                    # No growth left: the rewordings leave the objective before the run gives up. A confident item's
+                    # true choice has a vanishing gradient, so its rewordings took the moves: same-opposites-10 sat
+                    # at 0.9 for 15 rounds and stalled at 0.8 with them (dur29), and converged without (dur27).
+                    variants = ()
+                    record["rewordings_dropped"] = True
+                else:
                     return rounds, False, "no useful move left" if not moves else "stalled"
                 best, best_loss, since_best = math.inf, math.inf, 0
-                record["grown_to"] = self.circuit_params()
         return rounds, False, "max_rounds"
 
     def chunks(self, tokenizer, items: Sequence[Item], refs: torch.Tensor | None = None) -> list[Chunk]:
