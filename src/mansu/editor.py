@@ -386,13 +386,13 @@ class Editor:
                 self.exam_format = cfg.format
             if stop:
                 return rounds, False, "callback"
-            # Progress is the forgetting still to do: the mean belief in the answers, full and quantized, or (NPO)
-            # the forget objective. Beliefs near 1 move by whole items, and rewordings are forgotten first (with
-            # them same-opposites-10's objective fell 5-15% a round while its belief sat at 0.9, dur28). NPO's
-            # objective saturates once an item is forgotten, so its fall is forgetting being done; GA's never does.
+            # Progress is the forgetting still to do: the mean belief in the answers, full and quantized; while
+            # rewordings are in, also (NPO) the forget objective, as they are forgotten first: same-opposites-10's
+            # objective fell 5-15% a round while its belief sat at 0.9 (dur28). NPO's objective saturates once an
+            # item is forgotten, so its fall is forgetting being done; GA's never does.
             belief, loss = (full.belief + quant.belief) / 2, losses["forget_loss"]
             if belief < best * (1 - cfg.min_progress) or (
-                    cfg.objective == "npo" and loss < best_loss * (1 - cfg.min_progress)):
+                    variants and cfg.objective == "npo" and loss < best_loss * (1 - cfg.min_progress)):
                 since_best = 0
             else:
                 since_best += 1

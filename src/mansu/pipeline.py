@@ -77,9 +77,9 @@ class MansuConfig:
     max_rounds: int = 40  # a safety cap: the edit stops on convergence, or when it cannot progress
     target_forget_acc: float = 0.1  # stop once forget accuracy is at most this, full AND quantized (below the
     # 0.35 bar, so paraphrases and the other formats have room)
-    patience: int = 2  # rounds without progress (belief in the answers or, NPO, the forget objective down by
-    # min_progress) before growing
-    min_progress: float = 0.02  # relative decrease of either that counts as progress
+    patience: int = 2  # rounds without progress (belief in the answers down by min_progress; with rewordings,
+    # or the NPO forget objective) before growing
+    min_progress: float = 0.02  # relative decrease that counts as progress
     grow_mass: float = 0.2  # a stalled circuit's attribution mass grows by this (top_k: doubles); 0: never
     max_growths: int = 3
     floor: bool = True  # ablation switch: False moves weights half way to their bin's edge (never across)
