@@ -391,12 +391,10 @@ class Editor:
             # objective fell 5-15% a round while its belief sat at 0.9 (dur28). NPO's objective saturates once an
             # item is forgotten, so its fall is forgetting being done; GA's never does.
             belief, loss = (full.belief + quant.belief) / 2, losses["forget_loss"]
-            if belief < best * (1 - cfg.min_progress) or (
-                    variants and cfg.objective == "npo" and loss < best_loss * (1 - cfg.min_progress)):
-                since_best = 0
-            else:
-                since_best += 1
-            best, best_loss = min(best, belief), min(best_loss, loss)
+            believed = belief < best * (1 - cfg.min_progress)
+            lowered = bool(variants) and cfg.objective == "npo" and loss < best_loss * (1 - cfg.min_progress)
+            best, best_loss = belief if believed else best, loss if lowered else best_loss
+            since_best = 0 if believed or lowered else since_best + 1
             if not moves or since_best >= cfg.patience:
                 if grow is not None and grow(self):
                     record["grown_to"] = self.circuit_params()
