@@ -44,8 +44,8 @@ class MansuConfig:
     forget_variants: tuple[str, ...] = ()  # generated rewordings of each forget item (mansu.data.VARIANTS) the
     # circuit search and the forget objective (a mean of their own, about one per item a round) also read, so the
     # edit is not tied to one wording; not a default: on 12 held-out splits it met every target on as many runs
-    # as without, paraphrases fell on 5, NF4 utility fell 0.34 on cross-languages-10, time 2-7x (dur30,
-    # docs/method.md)
+    # as without (6), held-out paraphrases fell on 8 (mean 0.38 -> 0.25), NF4 utility was over the target on 3
+    # runs instead of 1 (cross-languages-10 lost 0.34), time 2.85x GradDiff's, median (dur30, docs/method.md)
     forget_on: str = "choices"  # the log-prob it lowers: the true choice's among the item's "choices" (what the
     # test reads: lowering every answer of a kind alike, as on same-currencies-10, earns nothing), or the "answer"'s
     # own (items without choices always use it)
