@@ -34,9 +34,10 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .anchor import Anchor
 from .data import Batch, Item, encode_items, load_anchor
 from .errors import MansuError
-from .evaluation import ChoiceBatch, answer_logprob, encode_forget, evaluate, fact_logprob
+from .evaluation import ChoiceBatch, answer_logprob, encode_forget, fact_logprob
 from .fisher import BoundConfig, Fisher, Mask, bound_update, flat_index, masked_grad_hooks
 from .floor import floor_targets
 from .layer_grads import layer_grads, sites
@@ -335,7 +336,8 @@ class Editor:
         variant_refs = self.references(tokenizer, variants)
         with torch.no_grad():
             guard_ref = self.nll(guard_batch)
-        anchor = Anchor(self, tokenizer, load_anchor(cfg.anchor, forget)) if cfg.anchor_guard is not None else None
+        anchor = (Anchor((self.model, self.quantized), tokenizer, load_anchor(cfg.anchor, forget))
+                  if cfg.anchor_guard is not None else None)
         rounds: list[dict[str, Any]] = []
         best, best_loss, since_best = math.inf, math.inf, 0
         bar = tqdm(range(1, cfg.max_rounds + 1), desc="mansu", leave=False, disable=not cfg.progress)
@@ -432,7 +434,7 @@ class Editor:
             return None
         return torch.cat([ref for _, ref, _ in self.chunks(tokenizer, items)])
 
-    def guarded(self, batch: Batch, reference: tuple[float, float], anchor: "Anchor | None",
+    def guarded(self, batch: Batch, reference: tuple[float, float], anchor: Anchor | None,
                 record: dict[str, Any]) -> bool:
         """Read the retain NLL's rise over the original, and the anchor's drop (all recorded); True when either
         is past its guard (with `retain_guard_both_ways`, also a fall of the retain NLL past it)."""
@@ -480,28 +482,6 @@ class Editor:
             before[n][m] = self.original[n]
         edited = {n: self.params[n].detach() for n in self.mask}
         return check(before, edited, self.config.format, {n: self.layout[n] for n in self.mask})
-
-
-class Anchor:
-    """Facts neither set names, watched as a multiple-choice test: how far the mean probability of the true
-    choice (over the item's choices) fell from the unedited model's, in full precision and on the twin. The
-    answers' own NLL is no measure here: a harmless edit can lower the model's confidence in every answer
-    alike (cross-animal_young-10: +0.59 nats with no untouched set losing an item, docs/method.md)."""
-
-    def __init__(self, editor: Editor, tokenizer, items: Sequence[Item]):
-        if any(it.choices is None for it in items):
-            raise MansuError("every anchor item needs choices: the anchor guard reads the true choice's probability")
-        self.editor, self.tokenizer, self.items = editor, tokenizer, items
-        self.before = self.read()
-
-    def read(self) -> tuple[float, float]:
-        """Mean probability of the true choice in full precision and on the twin."""
-        return tuple(evaluate(m, self.tokenizer, self.items, progress=False).true_prob
-                     for m in (self.editor.model, self.editor.quantized))
-
-    def drop(self) -> tuple[float, float]:
-        """How far each reading fell since the edit began (negative: it rose)."""
-        return tuple(before - after for before, after in zip(self.before, self.read()))
 
 
 def in_turn(n: int, per_round: int, step: int) -> list[int]:
