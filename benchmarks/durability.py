@@ -414,6 +414,19 @@ def summary_table(by_method: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def targets_met(mansu_rows: list[dict]) -> str:
+    """How many MANSU runs met every target, and with several seeds how many of each seed's."""
+    met = sum(not r["failures"] for r in mansu_rows)
+    line = (f"MANSU met every target on {met} of {len(mansu_rows)} runs "
+            f"({100 * met / max(len(mansu_rows), 1):.0f}%; the target is 90%).")
+    seeds = sorted({r["job"]["seed"] for r in mansu_rows})
+    if len(seeds) > 1:  # how much of the spread is the seed's
+        per_seed = {seed: [r for r in mansu_rows if r["job"]["seed"] == seed] for seed in seeds}
+        line += " Per seed: " + ", ".join(f"seed {seed} {sum(not r['failures'] for r in group)} of {len(group)}"
+                                          for seed, group in per_seed.items()) + "."
+    return line
+
+
 def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], command: str, planned: int,
              seconds: float, overrides: list[str]) -> str:
     """The tables of docs/results.md: per method mean ± spread; every MANSU failure listed."""
@@ -430,7 +443,10 @@ def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], command: 
              "through transformers' own bitsandbytes NF4 load; paraphrases and greedy recall of the forget set; "
              "a relearning attack (10 AdamW steps, lr 1e-5, on half of the forget set; `relearn` = accuracy "
              "gained on the other half). Targets (issue #10): " + ", ".join(f"{k} <= {v}" for k, v in TARGETS.items())
-             + ", certified (every changed weight flips its NF4 code), relearning recovery below every baseline's.",
+             + ", certified (every changed weight flips its NF4 code), relearning recovery below every baseline's. "
+             "A MANSU seed changes only the edit's own draws (the retain samples of attribution, of each round's "
+             "gradient and of the guard); a split's items, its utility set and the relearning halves are the same "
+             "for every seed and method.",
              "", "MANSU's config: the library defaults" + "".join(
                  f", changed by `{o}` ({'some runs' if len(overrides) > 1 else 'every run'})"
                  for o in overrides if o != "{}") + ".", "",
@@ -449,9 +465,7 @@ def markdown(by_method: dict[str, list[dict]], mansu_rows: list[dict], command: 
                   f"unlearning time {statistics.median(ratios['time']):.2f}x "
                   f"(range {min(ratios['time']):.2f}-{max(ratios['time']):.2f}), peak memory "
                   f"{statistics.median(ratios['memory']):.2f}x (range {min(ratios['memory']):.2f}-{max(ratios['memory']):.2f})."]
-    met = [r for r in mansu_rows if not r["failures"]]
-    lines += ["", f"MANSU met every target on {len(met)} of {len(mansu_rows)} runs "
-              f"({100 * len(met) / max(len(mansu_rows), 1):.0f}%; the target is 90%)."]
+    lines += ["", targets_met(mansu_rows)]
     separation = cad_separation([r for group in by_method.values() for r in group])
     if separation:
         lines += ["", "CAD as a test of whether the NF4 model forgot (AUC over every run, 1.0 = a threshold separates "

@@ -109,3 +109,11 @@ def test_cad_separation_is_the_auc_of_cad_for_runs_whose_nf4_model_forgot():
     assert auc["cad_nf4"] == 1.0  # both forgetting runs above both remembering ones
     assert auc["cad"] == 0.75  # 0.2 < 0.25: one of the four pairs in the wrong order
     assert durability.cad_separation(rows[:2]) == {}  # nothing to separate
+
+
+def test_the_share_of_runs_meeting_every_target_is_also_given_per_seed():
+    rows = [{"job": {"seed": seed}, "failures": failed} for seed, failed in [(0, []), (0, ["utility"]), (1, []), (2, ["x", "y"])]]
+    line = durability.targets_met(rows)
+    assert line.startswith("MANSU met every target on 2 of 4 runs (50%")
+    assert line.endswith("Per seed: seed 0 1 of 2, seed 1 1 of 1, seed 2 0 of 1.")
+    assert "Per seed" not in durability.targets_met(rows[:2])  # one seed: nothing to split
