@@ -419,11 +419,12 @@ def targets_met(mansu_rows: list[dict]) -> str:
     met = sum(not r["failures"] for r in mansu_rows)
     line = (f"MANSU met every target on {met} of {len(mansu_rows)} runs "
             f"({100 * met / max(len(mansu_rows), 1):.0f}%; the target is 90%).")
-    seeds = sorted({r["job"]["seed"] for r in mansu_rows})
-    if len(seeds) > 1:  # how much of the spread is the seed's
-        per_seed = {seed: [r for r in mansu_rows if r["job"]["seed"] == seed] for seed in seeds}
+    per_seed: dict[int, list[dict]] = {}
+    for row in mansu_rows:
+        per_seed.setdefault(row["job"]["seed"], []).append(row)
+    if len(per_seed) > 1:  # how much of the spread is the seed's
         line += " Per seed: " + ", ".join(f"seed {seed} {sum(not r['failures'] for r in group)} of {len(group)}"
-                                          for seed, group in per_seed.items()) + "."
+                                          for seed, group in sorted(per_seed.items())) + "."
     return line
 
 
