@@ -9,6 +9,8 @@
                                                                   # every method also trains on each forget
                                                                   # item's first paraphrase; the probe reads the rest
     python benchmarks/durability.py compare durability v          # MANSU (seed 0) split by split, per folder
+    python benchmarks/durability.py report --out b --doc docs/baselines.md
+                                                                  # a folder's report elsewhere than results.md
 
 Splits are built from the bundled fact sets: same-domain (forget n items of a domain, retain the rest of it)
 and cross-domain (forget n items of one domain, retain 20 items of each of two others), n in 5 / 10 / 20.
@@ -167,11 +169,11 @@ def run_job(job: dict[str, Any], out: Path, smoke: bool) -> None:
 
 
 def run_suite(out: Path, smoke: bool, workers: int = 1, overrides: dict[str, Any] | None = None,
-              only: list[str] | None = None, train_paraphrases: int = 0) -> None:
+              only: list[str] | None = None, train_paraphrases: int = 0, doc: Path = DOC) -> None:
     """Every job not yet done (of the splits in `only`, if given), each in its own process (`workers` at a
     time, one thread each when more than one, so every run sees the same share of the machine); then the
     report. `overrides` change MANSU's config from the library defaults; `train_paraphrases` the splits' forget
-    sets, for every method (see Split); each run records them."""
+    sets, for every method (see Split); each run records them. The report goes to `doc`."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from tqdm.auto import tqdm
@@ -209,7 +211,7 @@ def run_suite(out: Path, smoke: bool, workers: int = 1, overrides: dict[str, Any
                 failed.append(key)
     if failed:
         raise SystemExit(f"runs failed (their messages are above): {', '.join(failed)}; rerun to resume")
-    report(out, smoke, None if smoke else DOC)
+    report(out, smoke, None if smoke else doc)
 
 
 def metrics(record: dict[str, Any]) -> dict[str, Any]:
@@ -341,23 +343,32 @@ def report(out: Path, smoke: bool, doc: Path | None = None) -> None:
     planned = len(jobs(suite(smoke), smoke))
     overrides = sorted({config_changes(r) for r in records
                         if r["job"]["method"] == "mansu" and not r["job"]["ablation"]})
-    text = markdown(by_method, mansu_rows, run_command(out, smoke, records), planned,
+    text = markdown(by_method, mansu_rows, run_command(out, smoke, records, doc), planned,
                     sum(r.get("job_s", 0.0) for r in records), overrides)
-    plots(by_method, records, [out / "durability.png"] + ([doc.parent / "results.png"] if doc else []))
+    plots(by_method, records, [out / "durability.png"] + ([doc.with_suffix(".png")] if doc else []))
     if doc is not None:
         mansu.files.write_text(doc, text, replace=True)  # the doc is this script's own output
     print(text)
 
 
-def run_command(out: Path, smoke: bool, records: list[dict[str, Any]]) -> str:
+def run_command(out: Path, smoke: bool, records: list[dict[str, Any]], doc: Path | None = None) -> str:
     """The `run` command that made `records`: with their MANSU overrides and paraphrase training where all
-    runs share one."""
+    runs share one, and `--doc` where the report goes elsewhere than docs/results.md."""
     overrides = {json.dumps(r["job"].get("overrides", {}), sort_keys=True) for r in records
                  if r["job"]["method"] == "mansu" and not r["job"]["ablation"]}
     trained = {r["job"].get("train_paraphrases", 0) for r in records}
     return (f"python benchmarks/durability.py run{' --smoke' if smoke else ''} --out {out}"
             + (f" --train-paraphrases {next(iter(trained))}" if len(trained) == 1 and trained != {0} else "")
-            + (f" --mansu '{next(iter(overrides))}'" if len(overrides) == 1 and overrides != {"{}"} else ""))
+            + (f" --mansu '{next(iter(overrides))}'" if len(overrides) == 1 and overrides != {"{}"} else "")
+            + (f" --doc {_shown(doc)}" if doc is not None and doc.resolve() != DOC else ""))
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the checkout where it lies inside it (as the docs name their commands), else as given."""
+    try:
+        return str(path.resolve().relative_to(DOC.parents[1]))
+    except ValueError:
+        return str(path)
 
 
 def cost_ratios(by_method: dict[str, list[dict]]) -> dict[str, list[float]]:
@@ -525,6 +536,9 @@ def main() -> None:
                         help="each forget item's first N paraphrases join the forget set (every method); the "
                              "paraphrase probe reads the rest")
     parser.add_argument("--splits", default=None, help="comma-separated split names (default: the whole suite)")
+    parser.add_argument("--doc", type=Path, default=DOC,
+                        help="run, report: the markdown report to write (default docs/results.md; its plot goes "
+                             "next to it as .png)")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one run, as JSON
     args = parser.parse_args()
     out = Path(args.out)
@@ -534,9 +548,9 @@ def main() -> None:
         print(compare([Path(f) for f in args.folders]))
     elif args.command == "run":
         run_suite(out, args.smoke, args.workers, args.mansu, args.splits.split(",") if args.splits else None,
-                  args.train_paraphrases)
+                  args.train_paraphrases, args.doc)
     else:
-        report(out, args.smoke, None if args.smoke else DOC)
+        report(out, args.smoke, None if args.smoke else args.doc)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ def test_the_report_names_the_command_that_made_its_runs(tmp_path):
         command + " --train-paraphrases 1 --mansu '{\"stop_on_gap\": true}'")
     mixed = runs + [record("mansu", {"backtracks": 3}, trained=0)]  # no one command made these
     assert durability.run_command(tmp_path, True, mixed) == command.replace(" run ", " run --smoke ", 1)
+    # a report written elsewhere than docs/results.md names its file, relative to the checkout when inside it
+    elsewhere = durability.DOC.parent / "baselines.md"
+    assert durability.run_command(tmp_path, True, mixed, elsewhere).endswith(" --doc docs/baselines.md")
+    assert durability.run_command(tmp_path, True, mixed, durability.DOC) == durability.run_command(tmp_path, True, mixed)
 
 
 @pytest.mark.slow
