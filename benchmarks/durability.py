@@ -1,14 +1,15 @@
 """The durability benchmark: does the forgetting hold, on fact sets and splits no default was tuned on?
 
-    python benchmarks/durability.py run --out durability          # the whole suite (resumable), then the report
-    python benchmarks/durability.py report --out durability       # regenerate docs/results.md and the plots
+    python benchmarks/durability.py run --workers 2               # the whole suite (resumable: its records live in
+                                                                  # benchmarks/results/durability), then the report
+    python benchmarks/durability.py report                        # regenerate docs/results.md and the plots
     python benchmarks/durability.py run --smoke --out smoke       # one small split, a few minutes (CI runs it)
     python benchmarks/durability.py run --out v --mansu '{"saturate_on": "quantized"}' --splits same-capitals-10
                                                                   # a candidate default, on chosen splits
     python benchmarks/durability.py run --out p --train-paraphrases 1 --splits same-capitals-10
                                                                   # every method also trains on each forget
                                                                   # item's first paraphrase; the probe reads the rest
-    python benchmarks/durability.py compare durability v          # MANSU (seed 0) split by split, per folder
+    python benchmarks/durability.py compare benchmarks/results/durability v  # MANSU (seed 0) split by split, per folder
     python benchmarks/durability.py report --out b --doc docs/baselines.md
                                                                   # a folder's report elsewhere than results.md
 
@@ -49,6 +50,7 @@ ABLATION_SPLITS = 4
 # The targets of issue #10, checked on every MANSU run (thresholds, never tuned to the results).
 TARGETS = {"forget_acc": 0.35, "ptq_gap": 0.0, "utility_drop": 0.05, "paraphrase_acc": 0.45}
 DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+RUNS = Path(__file__).resolve().parent / "results" / "durability"
 
 
 @dataclass(frozen=True)
@@ -323,8 +325,7 @@ def report(out: Path, smoke: bool, doc: Path | None = None) -> None:
     rows = [{"job": r["job"], **metrics(r)} for r in records]
     by_method: dict[str, list[dict]] = {}
     for row in rows:
-        label = row["job"]["method"] + (f" ({row['job']['ablation']})" if row["job"]["ablation"] else "")
-        by_method.setdefault(label, []).append(row)
+        by_method.setdefault(label(row["job"]), []).append(row)
     # Relearning: MANSU's recovery must be below every baseline's on the same split.
     baseline_recovery = {}
     for row in rows:
@@ -357,7 +358,7 @@ def run_command(out: Path, smoke: bool, records: list[dict[str, Any]], doc: Path
     overrides = {json.dumps(r["job"].get("overrides", {}), sort_keys=True) for r in records
                  if r["job"]["method"] == "mansu" and not r["job"]["ablation"]}
     trained = {r["job"].get("train_paraphrases", 0) for r in records}
-    return (f"python benchmarks/durability.py run{' --smoke' if smoke else ''} --out {out}"
+    return (f"python benchmarks/durability.py run{' --smoke' if smoke else ''} --out {_shown(out)}"
             + (f" --train-paraphrases {next(iter(trained))}" if len(trained) == 1 and trained != {0} else "")
             + (f" --mansu '{next(iter(overrides))}'" if len(overrides) == 1 and overrides != {"{}"} else "")
             + (f" --doc {_shown(doc)}" if doc is not None and doc.resolve() != DOC else ""))
@@ -394,20 +395,26 @@ def cad_separation(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def label(job: dict[str, Any]) -> str:
+    """A run's row name: its method, and its ablation where it has one."""
+    return job["method"] + (f" ({job['ablation']})" if job["ablation"] else "")
+
+
 def split_table(rows: list[dict]) -> list[str]:
-    """Per split: MANSU (mean over its seeds) next to each baseline, on the numbers the targets are stated on."""
+    """Per split: MANSU (mean over its seeds), then its ablations, then each baseline, on the numbers the targets
+    are stated on."""
     cols = [("forget_full", "forget full"), ("forget_nf4", "forget NF4"), ("forget_bnb_nf4", "forget bnb NF4"),
             ("forget_worst_format", "forget worst fmt"), ("utility_drop_nf4", "utility drop NF4"),
             ("paraphrase_full", "paraphrase"), ("relearn_recovery", "relearn")]
     lines = ["| split | method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     splits = dict.fromkeys(r["job"]["split"] for r in rows)
+    labels = ["mansu", *(f"mansu ({a})" for a in ABLATIONS), *BASELINES]
     for split in splits:
-        for method in ("mansu", *BASELINES):
-            group = [r for r in rows if r["job"]["split"] == split and r["job"]["method"] == method
-                     and not r["job"]["ablation"]]
+        for name in labels:
+            group = [r for r in rows if r["job"]["split"] == split and label(r["job"]) == name]
             if group:
                 cells = [_mean_spread([r[c] for r in group]) for c, _ in cols]
-                lines.append(f"| {split} | {method} ({len(group)}) | " + " | ".join(cells) + " |")
+                lines.append(f"| {split} | {name} ({len(group)}) | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -427,6 +434,8 @@ def summary_table(by_method: dict[str, list[dict]]) -> list[str]:
 
 def targets_met(mansu_rows: list[dict]) -> str:
     """How many MANSU runs met every target, and with several seeds how many of each seed's."""
+    if not mansu_rows:  # a folder of baselines and ablations: nothing to count, and 0 of 0 would read as a result
+        return "No MANSU run with the library defaults here: the targets are checked on those runs alone."
     met = sum(not r["failures"] for r in mansu_rows)
     line = (f"MANSU met every target on {met} of {len(mansu_rows)} runs "
             f"({100 * met / max(len(mansu_rows), 1):.0f}%; the target is 90%).")
@@ -527,7 +536,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("run", "report", "compare", "job"))
     parser.add_argument("folders", nargs="*", help="compare: run folders, one column each")
-    parser.add_argument("--out", default="durability", help="folder for the runs and results (resumable)")
+    parser.add_argument("--out", default=str(RUNS), help="folder for the runs and results (resumable; default: the "
+                        "suite's records, kept in the repository so that a later checkout resumes them)")
     parser.add_argument("--smoke", action="store_true", help="one small split and two methods")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time (each one thread when > 1)")
     parser.add_argument("--mansu", type=json.loads, default=None, metavar="JSON",

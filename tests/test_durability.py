@@ -83,6 +83,8 @@ def test_the_report_names_the_command_that_made_its_runs(tmp_path):
     elsewhere = durability.DOC.parent / "baselines.md"
     assert durability.run_command(tmp_path, True, mixed, elsewhere).endswith(" --doc docs/baselines.md")
     assert durability.run_command(tmp_path, True, mixed, durability.DOC) == durability.run_command(tmp_path, True, mixed)
+    # the default folder, inside the checkout, is named as the docs name it
+    assert " --out benchmarks/results/durability" in durability.run_command(durability.RUNS, False, runs)
 
 
 @pytest.mark.slow
@@ -121,3 +123,13 @@ def test_the_share_of_runs_meeting_every_target_is_also_given_per_seed():
     assert line.startswith("MANSU met every target on 2 of 4 runs (50%")
     assert line.endswith("Per seed: seed 0 1 of 2, seed 1 1 of 1, seed 2 0 of 1.")
     assert "Per seed" not in durability.targets_met(rows[:2])  # one seed: nothing to split
+    assert not durability.targets_met([]).startswith("MANSU met")  # baselines alone: no share to claim
+
+
+def test_the_split_table_puts_each_ablation_on_its_own_row_under_mansu():
+    keys = ["forget_full", "forget_nf4", "forget_bnb_nf4", "forget_worst_format", "utility_drop_nf4",
+            "paraphrase_full", "relearn_recovery"]
+    jobs = [("ga", None, 0.5), ("mansu", "no-floor", 1.0), ("mansu", None, 0.1), ("mansu", "no-fisher", 0.2)]
+    rows = [{"job": {"split": "s", "method": m, "ablation": a, "seed": 0}} | dict.fromkeys(keys, v) for m, a, v in jobs]
+    names = [line.split(" | ")[1] for line in durability.split_table(rows)[2:]]
+    assert names == ["mansu (1)", "mansu (no-floor) (1)", "mansu (no-fisher) (1)", "ga (1)"]
