@@ -250,6 +250,12 @@ def _past(value: float, target: str) -> bool:
     return value > TARGETS[target] + 1e-9
 
 
+def _not_below(value: float, bound: float) -> bool:
+    """`value` >= `bound`, a float-rounding difference counting as equal: a recovery of 1 - 1/3 is 2/3's, not above
+    it (cross-elements-5 in dur32 passed the relearning target by that last bit)."""
+    return value > bound - 1e-9
+
+
 def failures(m: dict[str, Any]) -> list[str]:
     """Which of issue #10's targets a MANSU run misses (the relearning target is checked per split)."""
     out = []
@@ -337,7 +343,7 @@ def report(out: Path, smoke: bool, doc: Path | None = None) -> None:
         row["failures"] = failures(row)
         split = row["job"]["split"]
         if split in baseline_recovery and row["relearn_recovery"] is not None \
-                and row["relearn_recovery"] >= baseline_recovery[split]:
+                and _not_below(row["relearn_recovery"], baseline_recovery[split]):
             row["failures"].append(f"relearn recovery {row['relearn_recovery']:+.2f} >= a baseline's "
                                    f"{baseline_recovery[split]:+.2f}")
     mansu.files.write_json(out / "results.json", {"rows": rows})

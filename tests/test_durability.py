@@ -108,6 +108,12 @@ def test_smoke_run_writes_runs_results_and_resumes(tmp_path):
     assert again.returncode == 0 and "0 runs to do" in again.stdout
 
 
+def test_a_recovery_equal_to_a_baselines_up_to_float_rounding_is_not_below_it():
+    assert 1 - 1 / 3 != 2 / 3  # the same share of held-out items, reached by two subtractions
+    assert durability._not_below(2 / 3, 1 - 1 / 3) and durability._not_below(1 - 1 / 3, 2 / 3)
+    assert not durability._not_below(1 / 3, 2 / 3) and durability._not_below(1.0, 2 / 3)
+
+
 def test_cad_separation_is_the_auc_of_cad_for_runs_whose_nf4_model_forgot():
     rows = [{"cad": c, "cad_nf4": n, "forget_nf4": f} for c, n, f in
             [(0.3, 0.2, 0.1), (0.2, 0.25, 0.2), (0.25, 0.01, 0.8), (0.1, 0.0, 0.9)]]
