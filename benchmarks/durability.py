@@ -408,6 +408,11 @@ def label(job: dict[str, Any]) -> str:
     return job["method"] + (f" ({job['ablation']})" if job["ablation"] else "")
 
 
+def labels() -> list[str]:
+    """Every row name, in the tables' order: MANSU, its ablations, the baselines."""
+    return ["mansu", *(f"mansu ({a})" for a in ABLATIONS), *BASELINES]
+
+
 def split_table(rows: list[dict]) -> list[str]:
     """Per split: MANSU (mean over its seeds), then its ablations, then each baseline, on the numbers the targets
     are stated on."""
@@ -416,9 +421,8 @@ def split_table(rows: list[dict]) -> list[str]:
             ("paraphrase_full", "paraphrase"), ("relearn_recovery", "relearn")]
     lines = ["| split | method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     splits = dict.fromkeys(r["job"]["split"] for r in rows)
-    labels = ["mansu", *(f"mansu ({a})" for a in ABLATIONS), *BASELINES]
     for split in splits:
-        for name in labels:
+        for name in labels():
             group = [r for r in rows if r["job"]["split"] == split and label(r["job"]) == name]
             if group:
                 cells = [_mean_spread([r[c] for r in group]) for c, _ in cols]
@@ -518,9 +522,13 @@ def plots(by_method: dict[str, list[dict]], records: list[dict], paths: list[Pat
 
     import mansu
 
+    # One colour per row name, fixed by the tables' order: a method keeps its colour in both panels and in every
+    # folder's plot, whichever methods a folder has.
+    colour = {name: f"C{i}" for i, name in enumerate(labels())}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for label, group in by_method.items():
-        left.scatter([r["forget_full"] for r in group], [r["forget_worst_format"] for r in group], label=label, alpha=0.7)
+        left.scatter([r["forget_full"] for r in group], [r["forget_worst_format"] for r in group], label=label,
+                     alpha=0.7, color=colour[label])
     left.plot([0, 1], [0, 1], color="grey", linewidth=1)
     left.set(xlabel="forget accuracy, full precision", ylabel="forget accuracy, worst quantized format",
              title="Above the diagonal: quantization brings knowledge back")
@@ -529,7 +537,7 @@ def plots(by_method: dict[str, list[dict]], records: list[dict], paths: list[Pat
         sample = [v for r in records if r["job"]["method"] == method and not r["job"]["ablation"]
                   for v in r["update_ratio_sample"] if v > 0]
         if sample:
-            right.hist(np.log10(sample), bins=60, alpha=0.5, density=True, label=method)
+            right.hist(np.log10(sample), bins=60, alpha=0.5, density=True, label=method, color=colour[method])
     right.axvline(0, color="black", linestyle="--", linewidth=1)
     right.set(xlabel="log10(|update| / NF4 bin width)", ylabel="density", title="Edit size per changed weight")
     right.legend(fontsize=7)

@@ -139,3 +139,24 @@ def test_the_split_table_puts_each_ablation_on_its_own_row_under_mansu():
     rows = [{"job": {"split": "s", "method": m, "ablation": a, "seed": 0}} | dict.fromkeys(keys, v) for m, a, v in jobs]
     names = [line.split(" | ")[1] for line in durability.split_table(rows)[2:]]
     assert names == ["mansu (1)", "mansu (no-floor) (1)", "mansu (no-fisher) (1)", "ga (1)"]
+
+
+def test_a_method_has_one_colour_in_both_panels_whichever_methods_a_folder_has(tmp_path, monkeypatch):
+    import matplotlib.colors
+    import matplotlib.pyplot
+
+    figures = []  # each plot's figure, kept open to read its panels
+    monkeypatch.setattr(matplotlib.pyplot, "close", figures.append)
+    colours = []
+    for methods in (["mansu", "graddiff"], ["npo", "graddiff"]):  # graddiff comes second in both
+        records = [{"job": {"method": m, "ablation": None}, "forget_full": 0.1, "forget_worst_format": 0.5,
+                    "update_ratio_sample": [0.001, 0.002, 1.5]} for m in methods]
+        by_method = {m: [r] for m, r in zip(methods, records)}
+        durability.plots(by_method, records, [tmp_path / f"{methods[0]}.png"])
+        left, right = figures[-1].axes
+        scatter = {c.get_label(): matplotlib.colors.to_hex(c.get_facecolor()[0]) for c in left.collections}
+        handles, names = right.get_legend_handles_labels()
+        hist = {n: matplotlib.colors.to_hex(h.get_facecolor()) for h, n in zip(handles, names)}
+        assert scatter == hist  # the same method, the same colour, left and right
+        colours.append(scatter["graddiff"])
+    assert colours[0] == colours[1]  # and in every folder's plot
