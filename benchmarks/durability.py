@@ -54,6 +54,8 @@ TARGETS = {"forget_acc": 0.35, "ptq_gap": 0.0, "utility_drop": 0.05, "paraphrase
 ROUNDING = 1e-9
 DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 RUNS = Path(__file__).resolve().parent / "results" / "durability"
+# Packages whose versions a run's numbers can depend on, recorded with each run (see `environment`).
+PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate", "numpy", "gguf")
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,33 @@ def bnb_load_accuracy(model, tokenizer, sets: dict[str, list]) -> dict[str, floa
                 for name, items in sets.items()}
 
 
+def environment() -> dict[str, Any]:
+    """What a run's numbers depend on besides its job: the commit of the checkout mansu was imported from (and
+    its changed files under src/ and benchmarks/), the package versions, and the threads. dur27's cross-cities-5 run did not
+    reproduce at its own commit (docs/method.md), and nothing recorded what else it ran with."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    import mansu
+
+    source = Path(mansu.__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True,
+                                  check=True).stdout
+        except (OSError, subprocess.CalledProcessError):  # an installed wheel, or no git: nothing to record
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/benchmarks") or ""
+    return {"mansu_source": str(source), "commit": commit.strip() if commit else None,
+            "changed": [line[3:] for line in changed.splitlines()], "python": platform.python_version(),
+            **{name: importlib.metadata.version(name) for name in PACKAGES}, "threads": torch.get_num_threads()}
+
+
 def run_job(job: dict[str, Any], out: Path, smoke: bool) -> None:
     """One run in this process: the method's report (mansu.report.run) plus the real bitsandbytes load. The
     unedited model's scores are measured once per split and shared by its runs (out/before/)."""
@@ -169,6 +198,7 @@ def run_job(job: dict[str, Any], out: Path, smoke: bool) -> None:
                  utility=utility, relearn=True, before=before)
     record = report.to_dict() | {"job": job, "bnb_nf4_before": bnb_before,
                                  "bnb_nf4": bnb_load_accuracy(model, tokenizer, {"forget": forget, "utility": utility})}
+    record["environment"] = environment()
     record["job_s"] = time.perf_counter() - tick
     mansu.files.write_json(out / "runs" / f"{job_key(job)}.json", record)
 

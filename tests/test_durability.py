@@ -104,6 +104,8 @@ def test_smoke_run_writes_runs_results_and_resumes(tmp_path):
     assert '{"max_rounds": 3}' in table[0] and table[2].startswith("| smoke-capitals-5 | ") and "missed" in table[2]
     # both runs shared one measurement of the unedited model
     assert [p.name for p in (tmp_path / "before").glob("*.json")] == ["smoke-capitals-5.json"]
+    record = json.loads((tmp_path / "runs" / runs[1]).read_text())
+    assert record["environment"] == durability.environment() | {"threads": record["environment"]["threads"]}
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "0 runs to do" in again.stdout
 
@@ -160,3 +162,13 @@ def test_a_method_has_one_colour_in_both_panels_whichever_methods_a_folder_has(t
         assert scatter == hist  # the same method, the same colour, left and right
         colours.append(scatter["graddiff"])
     assert colours[0] == colours[1]  # and in every folder's plot
+
+
+def test_each_run_records_the_commit_and_the_versions_it_ran_with():
+    import importlib.metadata
+
+    env = durability.environment()
+    assert env["mansu_source"] == str(Path(mansu.__file__).resolve().parent)
+    head = subprocess.run(["git", "-C", env["mansu_source"], "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert env["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert env["transformers"] == importlib.metadata.version("transformers") and env["threads"] >= 1
