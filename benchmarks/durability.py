@@ -47,6 +47,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "random-circuit": {"circuit": {"random": True}},
 }
 ABLATION_SPLITS = 4
+# Every row name (see `label`), in the tables' order; the plots colour each by its place here.
+LABELS = ("mansu", *(f"mansu ({a})" for a in ABLATIONS), *BASELINES)
 # The targets of issue #10, checked on every MANSU run (thresholds, never tuned to the results).
 TARGETS = {"forget_acc": 0.35, "ptq_gap": 0.0, "utility_drop": 0.05, "paraphrase_acc": 0.45}
 # Accuracies are ratios of item counts, so a difference of two can miss its exact value by float rounding
@@ -146,8 +148,8 @@ def bnb_load_accuracy(model, tokenizer, sets: dict[str, list]) -> dict[str, floa
 
 def environment() -> dict[str, Any]:
     """What a run's numbers depend on besides its job: the commit of the checkout mansu was imported from (and
-    its changed files under src/ and benchmarks/), the package versions, and the threads. dur27's cross-cities-5 run did not
-    reproduce at its own commit (docs/method.md), and nothing recorded what else it ran with."""
+    its changed files under src/ and benchmarks/), the package versions, and the threads. dur27's cross-cities-5
+    run did not reproduce at its own commit (docs/method.md), and nothing recorded what else it ran with."""
     import importlib.metadata
     import platform
 
@@ -438,11 +440,6 @@ def label(job: dict[str, Any]) -> str:
     return job["method"] + (f" ({job['ablation']})" if job["ablation"] else "")
 
 
-def labels() -> list[str]:
-    """Every row name, in the tables' order: MANSU, its ablations, the baselines."""
-    return ["mansu", *(f"mansu ({a})" for a in ABLATIONS), *BASELINES]
-
-
 def split_table(rows: list[dict]) -> list[str]:
     """Per split: MANSU (mean over its seeds), then its ablations, then each baseline, on the numbers the targets
     are stated on."""
@@ -452,7 +449,7 @@ def split_table(rows: list[dict]) -> list[str]:
     lines = ["| split | method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     splits = dict.fromkeys(r["job"]["split"] for r in rows)
     for split in splits:
-        for name in labels():
+        for name in LABELS:
             group = [r for r in rows if r["job"]["split"] == split and label(r["job"]) == name]
             if group:
                 cells = [_mean_spread([r[c] for r in group]) for c, _ in cols]
@@ -554,7 +551,7 @@ def plots(by_method: dict[str, list[dict]], records: list[dict], paths: list[Pat
 
     # One colour per row name, fixed by the tables' order: a method keeps its colour in both panels and in every
     # folder's plot, whichever methods a folder has.
-    colour = {name: f"C{i}" for i, name in enumerate(labels())}
+    colour = {name: f"C{i}" for i, name in enumerate(LABELS)}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for label, group in by_method.items():
         left.scatter([r["forget_full"] for r in group], [r["forget_worst_format"] for r in group], label=label,
