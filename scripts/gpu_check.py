@@ -161,7 +161,7 @@ def part_scale(device: str, quick: bool) -> dict[str, Any]:
     """benchmarks/scale.py as its own command; on the GPU its targets must be met."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "scale.json"
-        args = ["--sizes", "135M", "--quick", "--rounds", "1", "--threads", "1"] if quick else [
+        args = ["--sizes", "135M", "--quick", "--rounds", "1"] if quick else [
             "--sizes", "1B,8B", "--dtype", "bfloat16"]
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--device", device,
                                "--out", str(out), *args], capture_output=True, text=True)

@@ -22,10 +22,42 @@ def test_answer_logprob_matches_manual_sum_and_ignores_padding(tiny_model):
         assert torch.allclose(batched[b], manual, atol=1e-4)
 
 
+
+class PlainForward(torch.nn.Module):
+    """A causal LM whose forward takes no `logits_to_keep` (as a user's own wrapper might)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_only_answer_positions_meet_the_vocabulary_and_a_model_without_logits_to_keep_scores_the_same(tiny_model):
+    """The output head sees the positions whose logits predict an answer token of some row, not the prompts; a
+    forward without `logits_to_keep` gets every position's logits and the same scores."""
+    from mansu.hooks import forward_hooks
+
+    model, tok = tiny_model
+    batch = encode(tok, ["The capital of France is", "The capital of the United Kingdom is"], ["Paris", "London"])
+    seen = []
+    with forward_hooks([(model.get_output_embeddings(), lambda module, args: seen.append(args[0].shape[1]))],
+                       pre=True):
+        kept = answer_logprob(model, batch, by_length=False)
+        plain = answer_logprob(PlainForward(model), batch, by_length=False)
+    assert seen == [int(batch.target_mask.any(0).sum()), batch.input_ids.shape[1]]
+    assert seen[0] <= seen[1] // 2  # the prompts' positions were left out
+    assert torch.allclose(kept, plain, atol=1e-5)
+
 def test_rows_of_similar_length_run_apart_with_the_same_values_and_gradients(tiny_model, capitals):
     """On a CPU a batch runs as forwards over rows of similar length: each row's log-probability and the
-    parameters' gradient are those of one forward over the whole padded batch, in the batch's row order."""
-    model, tok = tiny_model
+    parameters' gradient are those of one forward over the whole padded batch, in the batch's row order. In
+    float64, so that what is compared is the arithmetic, not float32's rounding of sums taken in another order."""
+    model, tok = copy.deepcopy(tiny_model[0]).double(), tiny_model[1]
     items = [capitals[0], Item("A much longer question that runs on and on, about", "nothing"), *capitals[1:6]]
     batch = mansu.data.encode_items(tok, items)
     lengths = batch.attention_mask.sum(1).tolist()
@@ -37,9 +69,9 @@ def test_rows_of_similar_length_run_apart_with_the_same_values_and_gradients(tin
         scores.sum().backward()
         grads.append((scores.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     (grouped, grouped_grads), (whole, whole_grads) = grads
-    assert torch.allclose(grouped, whole, atol=1e-4)
+    assert torch.allclose(grouped, whole, rtol=0, atol=1e-12)
     assert len(grouped_grads) == len(whole_grads)
-    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grouped_grads, whole_grads))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grouped_grads, whole_grads))
 
 
 @pytest.mark.parametrize("lengths,cost,expected", [

@@ -1,6 +1,8 @@
 """Cloze multiple-choice evaluation (lm-evaluation-harness `acc`) and the answer log-likelihood."""
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -33,14 +35,27 @@ def answer_logprob(model: torch.nn.Module, batch: Batch, by_length: bool = True)
     return _logprob(model, batch)
 
 
+@functools.cache
+def _keeps_logits(model_type: type) -> bool:
+    """Whether the model's forward projects only chosen positions onto the vocabulary (`logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+
+
 def _logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """`answer_logprob` of a batch in one forward."""
+    # Only positions whose logits predict some row's answer token are projected onto the vocabulary: on the
+    # embedded model the projection and its log-softmax at every prompt position cost about a fifth of an
+    # evaluation and a third of a backward (`python benchmarks/bench_logits.py`, docs/method.md).
+    positions = batch.target_mask.any(0).nonzero().squeeze(1)  # on the host batch: no device sync
     batch = batch.to(input_device(model))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    keep = {"logits_to_keep": positions.to(batch.input_ids.device)} if _keeps_logits(type(model)) else {}
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **keep).logits
+    if not keep:
+        logits = logits[:, positions.to(logits.device)]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    batch = batch.to(logprobs.device)  # the output head may sit on another device than the embeddings
-    token_lp = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    return (token_lp * batch.target_mask).sum(-1)
+    batch, positions = batch.to(logprobs.device), positions.to(logprobs.device)  # the head may sit elsewhere
+    token_lp = logprobs.gather(-1, batch.input_ids[:, positions + 1, None]).squeeze(-1)
+    return (token_lp * batch.target_mask[:, positions]).sum(-1)
 
 
 @dataclass
