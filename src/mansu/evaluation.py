@@ -44,8 +44,8 @@ def _keeps_logits(model_type: type) -> bool:
 def _logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """`answer_logprob` of a batch in one forward."""
     # Only positions whose logits predict some row's answer token are projected onto the vocabulary: on the
-    # embedded model the projection and its log-softmax at every prompt position cost about a fifth of an
-    # evaluation and a third of a backward (`python benchmarks/bench_logits.py`, docs/method.md).
+    # embedded model the projection and its log-softmax at every prompt position cost 4% of an evaluation and
+    # 15% of a forward + backward on a CPU (`python benchmarks/bench_logits.py`, docs/method.md).
     positions = batch.target_mask.any(0).nonzero().squeeze(1)  # on the host batch: no device sync
     batch = batch.to(input_device(model))
     keep = {"logits_to_keep": positions.to(batch.input_ids.device)} if _keeps_logits(type(model)) else {}
