@@ -66,9 +66,9 @@ def main() -> None:
         full, kept = (statistics.median(times[way, task]) for way in ("every position", "answer positions"))
         print(f"| {task} | {full:.2f} | {kept:.2f} | {kept / full:.2f} |")
     before, after = outputs["every position", "evaluate"], outputs["answer positions", "evaluate"]
+    gap = outputs["every position", "forward + backward"] - outputs["answer positions", "forward + backward"]
     print(f"same answers: {before.correct == after.correct}; true prob {before.true_prob:.9f} vs "
-          f"{after.true_prob:.9f}; gradient max |difference| "
-          f"{(outputs['every position', 'forward + backward'] - outputs['answer positions', 'forward + backward']).abs().max().item():.1e}")
+          f"{after.true_prob:.9f}; gradient max |difference| {gap.abs().max().item():.1e}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ def test_answer_logprob_matches_manual_sum_and_ignores_padding(tiny_model):
         assert torch.allclose(batched[b], manual, atol=1e-4)
 
 
-
 class PlainForward(torch.nn.Module):
     """A causal LM whose forward takes no `logits_to_keep` (as a user's own wrapper might)."""
 
@@ -52,6 +51,7 @@ def test_only_answer_positions_meet_the_vocabulary_and_a_model_without_logits_to
     assert seen == [int(batch.target_mask.any(0).sum()), batch.input_ids.shape[1]]
     assert seen[0] <= seen[1] // 2  # the prompts' positions were left out
     assert torch.allclose(kept, plain, atol=1e-5)
+
 
 def test_rows_of_similar_length_run_apart_with_the_same_values_and_gradients(tiny_model, capitals):
     """On a CPU a batch runs as forwards over rows of similar length: each row's log-probability and the
