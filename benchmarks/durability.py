@@ -10,7 +10,7 @@
                                                                   # every method also trains on each forget
                                                                   # item's first paraphrase; the probe reads the rest
     python benchmarks/durability.py compare benchmarks/results/durability v  # MANSU (seed 0) split by split, per folder
-    python benchmarks/durability.py report --out b --doc docs/baselines.md
+    python benchmarks/durability.py report --out v --doc docs/candidate.md
                                                                   # a folder's report elsewhere than results.md
 
 Splits are built from the bundled fact sets: same-domain (forget n items of a domain, retain the rest of it)
