@@ -310,6 +310,24 @@ def failures(m: dict[str, Any]) -> list[str]:
     return out
 
 
+def lowest_baseline_recovery(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per split, the lowest relearning recovery of any baseline run among `rows` (each with its "job")."""
+    lowest: dict[str, float] = {}
+    for row in rows:
+        if row["job"]["method"] in BASELINES and row["relearn_recovery"] is not None:
+            split = row["job"]["split"]
+            lowest[split] = min(lowest.get(split, 1.0), row["relearn_recovery"])
+    return lowest
+
+
+def relearn_failure(row: dict[str, Any], lowest: dict[str, float]) -> list[str]:
+    """The relearning target, missed or not: MANSU's recovery must be below every baseline's on the same split."""
+    bound = lowest.get(row["job"]["split"])
+    if bound is None or row["relearn_recovery"] is None or not _not_below(row["relearn_recovery"], bound):
+        return []
+    return [f"relearn recovery {row['relearn_recovery']:+.2f} >= a baseline's {bound:+.2f}"]
+
+
 def config_changes(record: dict[str, Any]) -> str:
     """JSON of the fields in which a MANSU run's config differs from today's defaults (seed and progress aside;
     a field today's config lacks is left out), and the split's `train_paraphrases` where it had any."""
@@ -326,27 +344,61 @@ def config_changes(record: dict[str, Any]) -> str:
 
 def compare(outs: list[Path]) -> str:
     """A markdown table: per split, each folder's MANSU run (seed 0, no ablation) as converged; forget full /
-    worst format; utility drop NF4; paraphrase full; unlearn s; and the count of issue #10's targets missed
-    (relearning aside: it needs the baselines). Each column is headed by its runs' `config_changes`."""
+    worst format; utility drop NF4; paraphrase full; relearning recovery; unlearn s; and the count of issue
+    #10's targets missed, relearning against the baselines of every folder given (none: relearning aside).
+    Each column is headed by its runs' `config_changes`. Below it, per folder, the same numbers over the splits
+    it shares with the first folder, next to the first folder's on them."""
     import mansu
 
+    records = {out: [mansu.files.read_json(p) for p in sorted((out / "runs").glob("*.seed0.json"))] for out in outs}
+    rows = [{"job": r["job"], **metrics(r)} for rs in records.values() for r in rs]
+    lowest = lowest_baseline_recovery(rows)
+    graddiff_s = {r["job"]["split"]: r["unlearn_s"] for r in rows if r["job"]["method"] == "graddiff"}
     cells: dict[str, dict[Path, str]] = {}
+    runs: dict[Path, dict[str, dict]] = {}  # per folder, per split: its MANSU run's metrics and missed targets
     heads = []
     for out in outs:
         overrides = set()
-        for path in sorted((out / "runs").glob("*.mansu.seed0.json")):
-            record = mansu.files.read_json(path)
+        for record in records[out]:
+            if record["job"]["method"] != "mansu" or record["job"]["ablation"]:
+                continue
             overrides.add(config_changes(record))
-            m = metrics(record)
+            m = metrics(record) | {"job": record["job"]}
+            m["missed"] = failures(m) + relearn_failure(m, lowest)
+            runs.setdefault(out, {})[record["job"]["split"]] = m
             cells.setdefault(record["job"]["split"], {})[out] = (
                 f"{'yes' if m['converged'] else 'no'} {m['forget_full']:.2f} / {m['forget_worst_format']:.2f} "
                 f"({m['worst_format']}) / {m['utility_drop_nf4']:.3f} / {m['paraphrase_full']:.2f} / "
-                f"{m['unlearn_s']:.0f} s / {len(failures(m))} missed")
+                f"{m['relearn_recovery']:+.2f} / {m['unlearn_s']:.0f} s / {len(m['missed'])} missed")
         heads.append(f"{out.name} {' '.join(sorted(overrides))}")
     lines = ["| split | " + " | ".join(heads) + " |", "|---" * (len(outs) + 1) + "|"]
     lines += [f"| {split} | " + " | ".join(row.get(out, "-") for out in outs) + " |"
               for split, row in sorted(cells.items())]
+    first = runs.get(outs[0], {})
+    for out in outs[1:]:
+        shared = sorted(set(runs.get(out, {})) & set(first))
+        lines += ["", f"On the {len(shared)} splits {out.name} shares with {outs[0].name}:"]
+        lines += [f"- {folder.name}: {_summary([runs[folder][s] for s in shared], graddiff_s)}"
+                  for folder in (outs[0], out)]
     return "\n".join(lines)
+
+
+def _summary(ms: list[dict[str, Any]], graddiff_s: dict[str, float]) -> str:
+    """One line over some MANSU runs: every target met, converged, the means and spreads of the generalization
+    and utility numbers, the misses by kind, and the unlearning time over GradDiff's (median, range)."""
+    if not ms:
+        return "no run"
+    kinds = ("utility", "paraphrase", "relearn", "forget", "PTQ")
+    missed = ", ".join(f"{k} {sum(any(f.startswith(k) for f in m['missed']) for m in ms)}" for k in kinds)
+    ratios = [m["unlearn_s"] / graddiff_s[m["job"]["split"]] for m in ms if m["job"]["split"] in graddiff_s]
+    time = (f"; time {statistics.median(ratios):.2f}x GradDiff's (median, {min(ratios):.2f}-{max(ratios):.2f})"
+            if ratios else "")
+    met, converged = sum(not m["missed"] for m in ms), sum(bool(m["converged"]) for m in ms)
+    return (f"every target met on {met} of {len(ms)}, converged {converged}; "
+            f"NF4 utility drop {_mean_spread([m['utility_drop_nf4'] for m in ms])}, paraphrases "
+            f"{_mean_spread([m['paraphrase_full'] for m in ms])} full / "
+            f"{_mean_spread([m['paraphrase_nf4'] for m in ms])} NF4, "
+            f"relearning {_mean_spread([m['relearn_recovery'] for m in ms])}; runs missing each kind: {missed}{time}")
 
 
 def _mean_spread(values: list[float]) -> str:
@@ -367,20 +419,10 @@ def report(out: Path, smoke: bool, doc: Path | None = None) -> None:
     by_method: dict[str, list[dict]] = {}
     for row in rows:
         by_method.setdefault(label(row["job"]), []).append(row)
-    # Relearning: MANSU's recovery must be below every baseline's on the same split.
-    baseline_recovery = {}
-    for row in rows:
-        if row["job"]["method"] in BASELINES and row["relearn_recovery"] is not None:
-            split = row["job"]["split"]
-            baseline_recovery[split] = min(baseline_recovery.get(split, 1.0), row["relearn_recovery"])
+    lowest = lowest_baseline_recovery(rows)
     mansu_rows = by_method.get("mansu", [])
     for row in mansu_rows:
-        row["failures"] = failures(row)
-        split = row["job"]["split"]
-        if split in baseline_recovery and row["relearn_recovery"] is not None \
-                and _not_below(row["relearn_recovery"], baseline_recovery[split]):
-            row["failures"].append(f"relearn recovery {row['relearn_recovery']:+.2f} >= a baseline's "
-                                   f"{baseline_recovery[split]:+.2f}")
+        row["failures"] = failures(row) + relearn_failure(row, lowest)
     mansu.files.write_json(out / "results.json", {"rows": rows})
     planned = len(jobs(suite(smoke), smoke))
     overrides = sorted({config_changes(r) for r in records

@@ -116,6 +116,30 @@ def test_a_recovery_equal_to_a_baselines_up_to_float_rounding_is_not_below_it():
     assert not durability._not_below(1 / 3, 2 / 3) and durability._not_below(1.0, 2 / 3)
 
 
+def test_relearning_is_checked_against_the_lowest_baseline_on_the_same_split():
+    rows = [{"job": {"split": s, "method": m}, "relearn_recovery": r}
+            for s, m, r in [("a", "ga", 0.4), ("a", "npo", 0.2), ("a", "mansu", 0.0), ("b", "graddiff", 0.0)]]
+    lowest = durability.lowest_baseline_recovery(rows)
+    assert lowest == {"a": 0.2, "b": 0.0}  # MANSU's own run is no baseline
+    assert durability.relearn_failure({"job": {"split": "a"}, "relearn_recovery": 0.1}, lowest) == []
+    assert durability.relearn_failure({"job": {"split": "a"}, "relearn_recovery": 0.2}, lowest) == [
+        "relearn recovery +0.20 >= a baseline's +0.20"]
+    assert durability.relearn_failure({"job": {"split": "b"}, "relearn_recovery": 0.0}, lowest)  # a tie misses
+    assert durability.relearn_failure({"job": {"split": "c"}, "relearn_recovery": 0.9}, lowest) == []  # no baseline
+
+
+def test_a_folders_summary_counts_its_runs_misses_by_kind_and_its_time_against_graddiffs():
+    run = {"missed": [], "converged": True, "utility_drop_nf4": 0.0, "paraphrase_full": 0.2, "paraphrase_nf4": 0.4,
+           "relearn_recovery": 0.0, "unlearn_s": 30.0, "job": {"split": "a"}}
+    worse = run | {"missed": ["utility drop 0.1", "relearn recovery +0.20 >= a baseline's +0.20"], "converged": False,
+                   "utility_drop_nf4": 0.1, "unlearn_s": 120.0, "job": {"split": "b"}}
+    line = durability._summary([run, worse], {"a": 10.0, "b": 30.0})
+    assert line.startswith("every target met on 1 of 2, converged 1; NF4 utility drop 0.050 ± 0.050")
+    assert "utility 1, paraphrase 0, relearn 1, forget 0, PTQ 0" in line
+    assert line.endswith("time 3.50x GradDiff's (median, 3.00-4.00)")
+    assert durability._summary([], {}) == "no run"
+
+
 def test_cad_separation_is_the_auc_of_cad_for_runs_whose_nf4_model_forgot():
     rows = [{"cad": c, "cad_nf4": n, "forget_nf4": f} for c, n, f in
             [(0.3, 0.2, 0.1), (0.2, 0.25, 0.2), (0.25, 0.01, 0.8), (0.1, 0.0, 0.9)]]

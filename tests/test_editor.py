@@ -128,13 +128,17 @@ def test_the_anchor_guard_undoes_a_round_that_hurts_what_neither_set_names(token
 
 
 def test_anchor_sets_leave_out_the_forget_facts_and_bad_values_are_refused(capitals, tmp_path):
-    general = mansu.data.load_anchor("general")
-    assert len(general) >= 40 and not {it.prompt for it in general} & {it.prompt for b in mansu.bundled_sets()
-                                                                         for it in mansu.load_bundled(b)}
+    general, countries = mansu.data.load_anchor("general"), mansu.data.load_anchor("countries")
+    bundled = {it.prompt for b in mansu.bundled_sets() for it in mansu.load_bundled(b)}
+    assert len(general) >= 40 and len(countries) >= 30
+    assert not {it.prompt for it in [*general, *countries]} & bundled
+    assert mansu.data.load_anchor("general+countries") == general + countries
     left = mansu.data.load_anchor("general", exclude=[Item("Who wrote Hamlet? It was", "Shakespeare"), general[0]])
     assert len(left) == len(general) - 2 and all(it.answer != "Shakespeare" for it in left)
     with pytest.raises(mansu.MansuError, match="no anchor set 'nope'"):
         mansu.MansuConfig(anchor_guard=0.5, anchor="nope")
+    with pytest.raises(mansu.MansuError, match="no anchor set 'general\\+nope'"):
+        mansu.MansuConfig(protect="general+nope")
     for bad in (0.0, 1.0):
         with pytest.raises(mansu.MansuError, match="anchor_guard must be in"):
             mansu.MansuConfig(anchor_guard=bad)

@@ -56,9 +56,9 @@ def test_unlearn_lowers_the_forget_likelihood(tokenizer):
         assert answer_logprob(model, batch).mean() < start
 
 
-def test_forget_variants_join_the_circuit_search_and_the_forget_objective(tokenizer, monkeypatch):
-    """`forget_variants`: attribution and the rounds' forget objective read every generated wording too; the
-    stopping rule reads the items asked for."""
+def test_forget_variants_join_the_forget_objective_alone(tokenizer, monkeypatch):
+    """`forget_variants`: the rounds' forget objective reads every generated wording too; attribution and the
+    stopping rule read the items asked for."""
     from conftest import make_tiny
     from mansu.editor import Editor
 
@@ -78,8 +78,8 @@ def test_forget_variants_join_the_circuit_search_and_the_forget_objective(tokeni
     result = mansu.unlearn(make_tiny("llama", tokenizer), tokenizer, FORGET, RETAIN,
                            small_config(forget_variants=("trim1", "quoted"), max_rounds=1))
     expected = [*FORGET, *mansu.data.prompt_variants(FORGET, ["trim1", "quoted"])]
-    assert len(expected) == 3 * len(FORGET) and seen["attribution"] == seen["objective"] == expected
-    assert seen["stop"] == FORGET and result.config["forget_variants"] == ("trim1", "quoted")
+    assert len(expected) == 3 * len(FORGET) and seen["objective"] == expected
+    assert seen["attribution"] == seen["stop"] == FORGET and result.config["forget_variants"] == ("trim1", "quoted")
 
 
 def test_the_protection_set_joins_every_reading_of_the_retain_set(tokenizer, monkeypatch, tmp_path):

@@ -188,17 +188,23 @@ def load_bundled(name: str) -> list[Item]:
 
 
 def load_anchor(source: str, exclude: Sequence[Item] = ()) -> list[Item]:
-    """The items an anchor guard watches: a bundled anchor set by name ("general": general-knowledge facts the
-    embedded model knows, in no bundled fact set) or a JSONL path; less every item that shares a prompt or an
-    answer with `exclude` (the forget set: the guard must not protect what the edit removes)."""
-    bundled = resources.files(_BUNDLE) / "anchors" / f"{source}.jsonl"
-    if bundled.is_file():
-        with resources.as_file(bundled) as path:
-            items = read_jsonl(path)
+    """The items an anchor guard watches: bundled anchor sets by name, several joined by "+" ("general":
+    general-knowledge facts; "countries": facts about countries in relations no bundled fact set asks, such as
+    dishes, landmarks and rivers; both known to the embedded model and in no bundled fact set), or a JSONL path;
+    less every item that shares a prompt or an answer with `exclude` (the forget set: the guard must not protect
+    what the edit removes)."""
+    folder = resources.files(_BUNDLE) / "anchors"
+    names = source.split("+")
+    if all((folder / f"{name}.jsonl").is_file() for name in names):
+        items = []
+        for name in names:
+            with resources.as_file(folder / f"{name}.jsonl") as path:
+                items += read_jsonl(path)
     elif Path(source).is_file():
         items = read_jsonl(source)
     else:
-        raise MansuError(f"no anchor set {source!r}: name a bundled one ('general') or a JSONL file")
+        raise MansuError(f"no anchor set {source!r}: name bundled ones ('general', 'countries', joined by '+' for "
+                         "both) or a JSONL file")
     prompts = {it.prompt.strip() for it in exclude}
     answers = {it.answer.strip().lower() for it in exclude}
     kept = [it for it in items if it.prompt.strip() not in prompts and it.answer.strip().lower() not in answers]

@@ -1,8 +1,8 @@
 """`unlearn`: the MANSU pipeline as readable steps, and the one entry point for the baselines too.
 
 0. with `protect` (the default), a bundled general-knowledge set joins the retain set for every step below; with
-   `forget_variants`, generated rewordings of each forget item (mansu.data.prompt_variants) join steps 1
-   and 3's forget objective (about one per item each round); the stopping rule reads the items themselves
+   `forget_variants`, generated rewordings of each forget item (mansu.data.prompt_variants) join step 3's
+   forget objective (about one per item each round); attribution and the stopping rule read the items themselves
 1. attribute the forget circuit (EAP-IG)            -> only its parameters may move
 2. diagonal Fisher and null-space projectors on the retain set
 3. rounds (mansu.editor): every candidate weight moves to the neighbouring NF4 level in the projected forget
@@ -42,7 +42,7 @@ class MansuConfig:
 
     objective: str = "npo"  # forget objective: "npo" (saturates once an item is forgotten) or "ga"
     forget_variants: tuple[str, ...] = ()  # generated rewordings of each forget item (mansu.data.VARIANTS) the
-    # circuit search and the forget objective (a mean of their own, about one per item a round) also read, so the
+    # forget objective (a mean of their own, about one per item a round) also reads, so the
     # edit is not tied to one wording; not a default: on 12 held-out splits it met every target on as many runs
     # as without (6), held-out paraphrases fell on 8 (mean 0.38 -> 0.25), NF4 utility was over the target on 3
     # runs instead of 1 (cross-languages-10 lost 0.34), time 2.85x GradDiff's, median (dur30, docs/method.md)
@@ -182,7 +182,10 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     tick = time.perf_counter()
     retain = with_protection(retain, forget, config.protect)
     variants = prompt_variants(forget, config.forget_variants, avoid=retain)
-    searched = [*forget, *variants]  # what attribution reads, at the start and at each growth
+    # Attribution (at the start and at each growth) reads the forget items alone, not their rewordings: with them
+    # it took 5x as long on cross-opposites-20 (12.5 -> 61.8 s), and the circuit they chose was not what cost
+    # utility (dur31, docs/method.md)
+    searched = list(forget)
 
     layout = quantized_weights(model)
     require_loaded(model, layout)  # the quantized twin and the edit need every quantized weight in memory
