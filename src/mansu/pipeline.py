@@ -42,10 +42,10 @@ class MansuConfig:
 
     objective: str = "npo"  # forget objective: "npo" (saturates once an item is forgotten) or "ga"
     forget_variants: tuple[str, ...] = ()  # generated rewordings of each forget item (mansu.data.VARIANTS) the
-    # forget objective (a mean of their own, about one per item a round) also reads, so the
-    # edit is not tied to one wording; not a default: on 12 held-out splits it met every target on as many runs
-    # as without (6), held-out paraphrases fell on 8 (mean 0.38 -> 0.25), NF4 utility was over the target on 3
-    # runs instead of 1 (cross-languages-10 lost 0.34), time 2.85x GradDiff's, median (dur30, docs/method.md)
+    # forget objective (a mean of their own, about one per item a round) also reads, so the edit is not tied to one
+    # wording; not a default: on the 16 held-out splits ("trim1", "quoted", "fact", seed 0) held-out paraphrases
+    # fell (mean 0.36 -> 0.27), but every target was met on 5 runs instead of 7, 3 did not converge, and NF4
+    # utility was over the target on 3 instead of 1 (cross-languages-10 lost 0.19) (docs/method.md, 2026-12-06)
     forget_on: str = "choices"  # the log-prob it lowers: the true choice's among the item's "choices" (what the
     # test reads: lowering every answer of a kind alike, as on same-currencies-10, earns nothing), or the "answer"'s
     # own (items without choices always use it)
@@ -64,7 +64,8 @@ class MansuConfig:
     protect: str | None = "general"  # an anchor set (as `anchor`) that joins the retain set everywhere the edit
     # reads it (attribution's penalty, Fisher, projector, rounds, guard): knowledge the user's retain set does not
     # name. cross-capitals-20, retaining cities and continents, lost 0.30 of its untouched sets without it
-    # (docs/method.md, dur17); None: the retain set alone
+    # (docs/method.md, dur17); "general+countries" also keeps 38 facts about countries (measured on part of the
+    # suite, not a default: docs/method.md, 2026-12-06); None: the retain set alone
     backtracks: int = 3  # a round past the guard gives back its weaker half up to this many times, then all of it
     stop_on_gap: bool = True  # converged also needs every quantized reading to know no more than full precision
     # (PTQ gap <= 0); False: each at most target_forget_acc
