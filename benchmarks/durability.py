@@ -353,7 +353,7 @@ def compare(outs: list[Path]) -> str:
     records = {out: [mansu.files.read_json(p) for p in sorted((out / "runs").glob("*.seed0.json"))] for out in outs}
     rows = [{"job": r["job"], **metrics(r)} for rs in records.values() for r in rs]
     lowest = lowest_baseline_recovery(rows)
-    graddiff_s = {r["job"]["split"]: r["unlearn_s"] for r in rows if r["job"]["method"] == "graddiff"}
+    graddiff = [r for r in rows if r["job"]["method"] == "graddiff"]
     cells: dict[str, dict[Path, str]] = {}
     runs: dict[Path, dict[str, dict]] = {}  # per folder, per split: its MANSU run's metrics and missed targets
     heads = []
@@ -378,19 +378,19 @@ def compare(outs: list[Path]) -> str:
     for out in outs[1:]:
         shared = sorted(set(runs.get(out, {})) & set(first))
         lines += ["", f"On the {len(shared)} splits {out.name} shares with {outs[0].name}:"]
-        lines += [f"- {folder.name}: {_summary([runs[folder][s] for s in shared], graddiff_s)}"
+        lines += [f"- {folder.name}: {_summary([runs[folder][s] for s in shared], graddiff)}"
                   for folder in (outs[0], out)]
     return "\n".join(lines)
 
 
-def _summary(ms: list[dict[str, Any]], graddiff_s: dict[str, float]) -> str:
+def _summary(ms: list[dict[str, Any]], graddiff: list[dict[str, Any]]) -> str:
     """One line over some MANSU runs: every target met, converged, the means and spreads of the generalization
     and utility numbers, the misses by kind, and the unlearning time over GradDiff's (median, range)."""
     if not ms:
         return "no run"
     kinds = ("utility", "paraphrase", "relearn", "forget", "PTQ")
     missed = ", ".join(f"{k} {sum(any(f.startswith(k) for f in m['missed']) for m in ms)}" for k in kinds)
-    ratios = [m["unlearn_s"] / graddiff_s[m["job"]["split"]] for m in ms if m["job"]["split"] in graddiff_s]
+    ratios = cost_ratios({"mansu": ms, "graddiff": graddiff})["time"]
     time = (f"; time {statistics.median(ratios):.2f}x GradDiff's (median, {min(ratios):.2f}-{max(ratios):.2f})"
             if ratios else "")
     met, converged = sum(not m["missed"] for m in ms), sum(bool(m["converged"]) for m in ms)

@@ -130,14 +130,15 @@ def test_relearning_is_checked_against_the_lowest_baseline_on_the_same_split():
 
 def test_a_folders_summary_counts_its_runs_misses_by_kind_and_its_time_against_graddiffs():
     run = {"missed": [], "converged": True, "utility_drop_nf4": 0.0, "paraphrase_full": 0.2, "paraphrase_nf4": 0.4,
-           "relearn_recovery": 0.0, "unlearn_s": 30.0, "job": {"split": "a"}}
+           "relearn_recovery": 0.0, "unlearn_s": 30.0, "peak_mb": 1.0, "job": {"split": "a", "seed": 0}}
     worse = run | {"missed": ["utility drop 0.1", "relearn recovery +0.20 >= a baseline's +0.20"], "converged": False,
-                   "utility_drop_nf4": 0.1, "unlearn_s": 120.0, "job": {"split": "b"}}
-    line = durability._summary([run, worse], {"a": 10.0, "b": 30.0})
+                   "utility_drop_nf4": 0.1, "unlearn_s": 120.0, "job": {"split": "b", "seed": 0}}
+    graddiff = [{"job": {"split": s, "seed": 0}, "unlearn_s": t, "peak_mb": 1.0} for s, t in (("a", 10.0), ("b", 30.0))]
+    line = durability._summary([run, worse], graddiff)
     assert line.startswith("every target met on 1 of 2, converged 1; NF4 utility drop 0.050 ± 0.050")
     assert "utility 1, paraphrase 0, relearn 1, forget 0, PTQ 0" in line
     assert line.endswith("time 3.50x GradDiff's (median, 3.00-4.00)")
-    assert durability._summary([], {}) == "no run"
+    assert durability._summary([], graddiff) == "no run"
 
 
 def test_cad_separation_is_the_auc_of_cad_for_runs_whose_nf4_model_forgot():
