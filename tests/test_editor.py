@@ -276,6 +276,28 @@ def test_converged_needs_every_exam_format_and_no_ptq_gap(tokenizer, capitals):
     assert editor.exam_format == (None if passed else "q4_0" if q4_0 > 0.3 else "fp4")  # the next rounds read it
 
 
+def test_the_relearning_exam_scores_each_half_after_a_sign_attack_on_the_other(tokenizer, capitals):
+    from mansu.editor import RELEARN
+    from mansu.probes import fact_halves, knowledge, sign_attacked
+
+    forget = capitals[:8]
+    for tolerance in (0.0, 0.9):
+        editor = random_editor("llama", tokenizer, capitals, relearn_exam=0.05, relearn_tolerance=tolerance)
+        editor.halves = fact_halves(forget, 0)
+        recoveries = []
+        for train, held in (editor.halves, editor.halves[::-1]):
+            attacked = sign_attacked(editor.model, encode_items(tokenizer, train), 0.05)
+            recoveries.append(knowledge(attacked, tokenizer, held).score - knowledge(editor.model, tokenizer, held).score)
+        assert 0 < max(recoveries) < 0.9  # this random model relearns some of the held half: both outcomes happen
+        record = {}
+        passed = editor.resists_relearning(tokenizer, record)
+        assert record["relearn_recovery"] == pytest.approx(max(recoveries))
+        assert passed == (tolerance == 0.9)
+        assert editor.exam_format == (None if passed else RELEARN)  # a failing attack is the next rounds' reading
+    editor.halves = None  # relearn_exam off, or a single fact: nothing to attack with
+    assert editor.resists_relearning(tokenizer, {})
+
+
 def test_a_round_past_a_guard_gives_back_its_weaker_half_first(tokenizer, capitals):
     editor = random_editor("llama", tokenizer, capitals, fisher_cost=False, edits_per_round=8)
     name = next(iter(editor.mask))
@@ -309,22 +331,27 @@ def test_npo_fades_on_what_the_deployed_model_still_knows(tokenizer, capitals):
     assert any(not torch.allclose(grads["other twin"][n], g, rtol=1e-3) for n, g in grads["full"].items())
 
 
-@pytest.mark.parametrize("fmt", ["fp4", "nf4"])
+@pytest.mark.parametrize("fmt", ["fp4", "nf4", "relearn"])
 def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals, fmt):
     """Once an exam format failed, the forget gradient is full precision's plus the same objective's on a copy in
     that format (straight through its rounding); NPO on the copy fades on the copy's own reading. For the deployed
-    format (nf4) the copy is the twin, which on an unedited model is that format's copy exactly."""
+    format (nf4) the copy is the twin, which on an unedited model is that format's copy exactly; for the relearning
+    exam, the model after the failing half's sign attack."""
     from mansu.methods import forget_loss
+    from mansu.probes import sign_attacked
 
     forget_batch, retain_batch = encode_items(tokenizer, capitals[:4]), encode_items(tokenizer, capitals[10:14])
-    editor = random_editor("llama", tokenizer, capitals, objective="npo", saturate_on="full")
+    editor = random_editor("llama", tokenizer, capitals, objective="npo", saturate_on="full", relearn_exam=1e-2)
     with torch.no_grad():
         ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
     alone = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)[0]
-    editor.exam_format = fmt
+    editor.exam_format, editor.attack = fmt, encode_items(tokenizer, capitals[4:6])
     joined, _, directions, losses = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)
-    copy_ = mansu.quantized_copy(editor.model, fmt)
+    copy_ = (sign_attacked(editor.model, editor.attack, 1e-2) if fmt == "relearn" else
+             mansu.quantized_copy(editor.model, fmt))
     params = dict(copy_.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)  # the attacked copy leaves its parameters without
     forget_loss(copy_, forget_batch, "npo", ref, editor.config.npo_beta).backward()
     for name, g in alone.items():
         expected = g + params[name].grad[editor.mask[name]]

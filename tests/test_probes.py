@@ -4,7 +4,9 @@ import torch
 
 import mansu
 from mansu.data import Item
-from mansu.probes import fact_halves, generation_recall, paraphrase_items, relearn_attack
+from mansu.data import encode_items
+from mansu.methods import retain_loss
+from mansu.probes import fact_halves, generation_recall, paraphrase_items, relearn_attack, sign_attacked
 
 from conftest import make_tiny
 
@@ -57,6 +59,21 @@ def test_relearn_attack_trains_a_copy_and_scores_the_other_half(tokenizer, capit
     assert "full_after" in repr(result) and result.to_dict()["train_nll"] == list(result.train_nll)
     with pytest.raises(mansu.MansuError, match="at least 2 forget facts"):
         relearn_attack(model, tokenizer, capitals[:1])
+
+
+def test_a_sign_attack_steps_every_parameter_by_eps_down_the_answers_nll(tokenizer, capitals):
+    model = make_tiny("llama", tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = encode_items(tokenizer, capitals[:4])
+    attacked = sign_attacked(model, batch, 1e-3)
+    with torch.no_grad():
+        moved = torch.cat([(a - b).reshape(-1) for a, b in zip(attacked.parameters(), model.parameters())]).abs()
+    assert (((moved - 1e-3).abs() < 1e-6) | (moved == 0)).all()  # one signed step, or none without a gradient
+    assert (moved > 0).float().mean() > 0.5  # (embedding rows of tokens the batch never uses have none)
+    assert all(not p.requires_grad and p.grad is None for p in attacked.parameters())
+    with torch.no_grad():
+        assert retain_loss(attacked, batch) < retain_loss(model, batch)  # downhill: it learns the answers again
+    assert all((model.state_dict()[k] == v).all() for k, v in before.items())  # the model itself is untouched
 
 
 def test_relearn_attack_seeds_its_dropout_and_leaves_the_global_rng_alone(tokenizer, capitals):

@@ -42,7 +42,7 @@ from .fisher import BoundConfig, Fisher, Mask, bound_update, flat_index, masked_
 from .floor import floor_targets
 from .layer_grads import layer_grads, sites
 from .methods import RoundCallback, check_finite, forget_loss, retain_loss
-from .probes import Knowledge, knowledge
+from .probes import Knowledge, fact_halves, knowledge, sign_attacked
 from .projection import Projector
 from .quant import (Certificate, bin_geometry, block_absmax, block_scales, check, codes_at_scale, get_format,
                     keeps_tail, quantized_copy, quantized_layout, to_blocks)
@@ -82,6 +82,10 @@ class Editor:
         self.exam_format: str | None = None  # the failing reading whose gradient joins: the last exam's format,
         # or the deployed format (the twin) once full precision alone forgot; until the next exam
         self.edits_per_round = config.edits_per_round
+        # With `relearn_exam`: the forget facts' two halves (each attacks, the other is scored), and the batch of the
+        # half whose attack last brought too much back (the relearning reading's gradient attacks with it).
+        self.halves: tuple[list[Item], list[Item]] | None = None
+        self.attack: Batch | None = None
         # The deployed model, kept in step with the edit: only the blocks an edit touches are re-quantized.
         self.quantized = quantized_copy(model, config.format)
         self.quantized_params = dict(self.quantized.named_parameters())
@@ -181,7 +185,9 @@ class Editor:
             # format), straight through its rounding: pushing full precision alone let it sink to -22 nats while fp4
             # kept 0.3 of the forget set (cross-capitals-20); NPO on the copy also stops pushing an item once that
             # format forgot it.
-            exam = self.quantized if self.exam_format == cfg.format else quantized_copy(self.model, self.exam_format)
+            exam = (self.quantized if self.exam_format == cfg.format else
+                    sign_attacked(self.model, self.attack, cfg.relearn_exam) if self.exam_format == RELEARN else
+                    quantized_copy(self.model, self.exam_format))
             losses["forget_loss_exam"] = self._backward(passes(exam), exam_grads, step, exam)
             del exam
         losses["forget_loss"] = self._backward(passes(self.model), forget_grads, step)
@@ -336,10 +342,12 @@ class Editor:
         variant_refs = self.references(tokenizer, variants)
         with torch.no_grad():
             guard_ref = self.nll(guard_batch)
+        facts = {(it.answer, it.choices) for it in forget}
+        self.halves = fact_halves(forget, cfg.seed) if cfg.relearn_exam is not None and len(facts) > 1 else None
         anchor = (Anchor((self.model, self.quantized), tokenizer, load_anchor(cfg.anchor, forget))
                   if cfg.anchor_guard is not None else None)
         rounds: list[dict[str, Any]] = []
-        best, best_loss, since_best = math.inf, math.inf, 0
+        best, best_loss, since_best, relearning = math.inf, math.inf, 0, False
         bar = tqdm(range(1, cfg.max_rounds + 1), desc="mansu", leave=False, disable=not cfg.progress)
         for step in bar:
             tick = time.perf_counter()
@@ -392,7 +400,9 @@ class Editor:
             # rewordings are in, also (NPO) the forget objective, as they are forgotten first: same-opposites-10's
             # objective fell by over 2% in 7 of its first 10 rounds while its belief sat at 0.9 (dur28). NPO's
             # objective saturates once an item is forgotten, so its fall is forgetting being done; GA's never does.
-            belief, loss = (full.belief + quant.belief) / 2, losses["forget_loss"]
+            belief, loss = record.get("relearn_belief", (full.belief + quant.belief) / 2), losses["forget_loss"]
+            if ("relearn_belief" in record) != relearning:  # progress now reads another belief: start afresh
+                relearning, best, since_best = not relearning, math.inf, 0
             believed = belief < best * (1 - cfg.min_progress)
             lowered = bool(variants) and cfg.objective == "npo" and loss < best_loss * (1 - cfg.min_progress)
             best, best_loss = belief if believed else best, loss if lowered else best_loss
@@ -406,6 +416,11 @@ class Editor:
                     # at 0.9 for 15 rounds and stalled at 0.8 with them (dur29), and converged without (dur27).
                     variants = ()
                     record["rewordings_dropped"] = True
+                elif relearning:
+                    # Forgotten in every reading but the relearning exam, and nothing left to try for it: the
+                    # exam is dropped (recorded), so the run ends on what it has, not as a failure to forget.
+                    self.halves, self.exam_format = None, None
+                    record["relearn_exam_dropped"] = True
                 else:
                     return rounds, False, "no useful move left" if not moves else "stalled"
                 best, best_loss, since_best = math.inf, math.inf, 0
@@ -471,6 +486,27 @@ class Editor:
             if not self.forgotten(full, score):
                 self.exam_format = fmt
                 return False
+        return self.resists_relearning(tokenizer, record)
+
+    def resists_relearning(self, tokenizer, record: dict[str, Any]) -> bool:
+        """With `relearn_exam`: a one-step attack on each half of the forget facts brings back at most
+        `relearn_tolerance` of the other half (the largest recovery and the attacked half's belief recorded); a
+        failing attack becomes the reading whose gradient joins the next rounds'."""
+        if self.halves is None:
+            return True
+        worst = None
+        for train, held in (self.halves, self.halves[::-1]):
+            batch = encode_items(tokenizer, train)
+            attacked = sign_attacked(self.model, batch, self.config.relearn_exam)
+            after = knowledge(attacked, tokenizer, held)
+            del attacked
+            recovery = after.score - knowledge(self.model, tokenizer, held).score
+            if worst is None or recovery > worst[0]:
+                worst = (recovery, after.belief, batch)
+        record["relearn_recovery"], record["relearn_belief"] = worst[0], worst[1]
+        if worst[0] > self.config.relearn_tolerance + 1e-9:  # accuracies are item-count ratios: float slack
+            self.exam_format, self.attack = RELEARN, worst[2]
+            return False
         return True
 
     def certify(self) -> Certificate:
@@ -482,6 +518,9 @@ class Editor:
             before[n][m] = self.original[n]
         edited = {n: self.params[n].detach() for n in self.mask}
         return check(before, edited, self.config.format, {n: self.layout[n] for n in self.mask})
+
+
+RELEARN = "relearn"  # the relearning exam's reading, where `Editor.exam_format` names a failing one
 
 
 def in_turn(n: int, per_round: int, step: int) -> list[int]:
