@@ -283,9 +283,10 @@ def test_the_relearning_exam_scores_each_half_after_a_sign_attack_on_the_other(t
     forget = capitals[:8]
     for tolerance in (0.0, 0.9):
         editor = random_editor("llama", tokenizer, capitals, relearn_exam=0.05, relearn_tolerance=tolerance)
-        editor.halves = fact_halves(forget, 0)
+        halves = fact_halves(forget, 0)
+        editor.halves = [(a, b, None) for a, b in (halves, halves[::-1])]
         recoveries = []
-        for train, held in (editor.halves, editor.halves[::-1]):
+        for train, held in (halves, halves[::-1]):
             attacked = sign_attacked(editor.model, encode_items(tokenizer, train), 0.05)
             recoveries.append(knowledge(attacked, tokenizer, held).score - knowledge(editor.model, tokenizer, held).score)
         assert 0 < max(recoveries) < 0.9  # this random model relearns some of the held half: both outcomes happen
@@ -294,6 +295,10 @@ def test_the_relearning_exam_scores_each_half_after_a_sign_attack_on_the_other(t
         assert record["relearn_recovery"] == pytest.approx(max(recoveries))
         assert passed == (tolerance == 0.9)
         assert editor.exam_format == (None if passed else RELEARN)  # a failing attack is the next rounds' reading
+        if not passed:  # it attacks with the worse half and pushes the other
+            worst = recoveries.index(max(recoveries))
+            assert len(editor.attack[0].input_ids) == len(editor.halves[worst][0])
+            assert sum(len(chunk[0].groups) for chunk in editor.attack[1]) == len(editor.halves[worst][1])
     editor.halves = None  # relearn_exam off, or a single fact: nothing to attack with
     assert editor.resists_relearning(tokenizer, {})
 
@@ -345,9 +350,10 @@ def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals, fmt):
     with torch.no_grad():
         ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
     alone = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)[0]
-    editor.exam_format, editor.attack = fmt, encode_items(tokenizer, capitals[4:6])
+    # the relearning reading pushes the half its attack did not train on: here, the same items as the others'
+    editor.exam_format, editor.attack = fmt, (encode_items(tokenizer, capitals[4:6]), [(forget_batch, ref, 1.0)])
     joined, _, directions, losses = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)
-    copy_ = (sign_attacked(editor.model, editor.attack, 1e-2) if fmt == "relearn" else
+    copy_ = (sign_attacked(editor.model, editor.attack[0], 1e-2) if fmt == "relearn" else
              mansu.quantized_copy(editor.model, fmt))
     params = dict(copy_.named_parameters())
     for p in params.values():
