@@ -368,8 +368,8 @@ def compare(outs: list[Path]) -> str:
             runs.setdefault(out, {})[record["job"]["split"]] = m
             cells.setdefault(record["job"]["split"], {})[out] = (
                 f"{'yes' if m['converged'] else 'no'} {m['forget_full']:.2f} / {m['forget_worst_format']:.2f} "
-                f"({m['worst_format']}) / {m['utility_drop_nf4']:.3f} / {m['paraphrase_full']:.2f} / "
-                f"{m['relearn_recovery']:+.2f} / {m['unlearn_s']:.0f} s / {len(m['missed'])} missed")
+                f"({m['worst_format']}) / {m['utility_drop_nf4']:.3f} / {_shown_number(m['paraphrase_full'], '.2f')} / "
+                f"{_shown_number(m['relearn_recovery'], '+.2f')} / {m['unlearn_s']:.0f} s / {len(m['missed'])} missed")
         heads.append(f"{out.name} {' '.join(sorted(overrides))}")
     lines = ["| split | " + " | ".join(heads) + " |", "|---" * (len(outs) + 1) + "|"]
     lines += [f"| {split} | " + " | ".join(row.get(out, "-") for out in outs) + " |"
@@ -399,6 +399,11 @@ def _summary(ms: list[dict[str, Any]], graddiff: list[dict[str, Any]]) -> str:
             f"{_mean_spread([m['paraphrase_full'] for m in ms])} full / "
             f"{_mean_spread([m['paraphrase_nf4'] for m in ms])} NF4, "
             f"relearning {_mean_spread([m['relearn_recovery'] for m in ms])}; runs missing each kind: {missed}{time}")
+
+
+def _shown_number(value: float | None, spec: str) -> str:
+    """`value` formatted by `spec`, or "-" for a number a run did not measure (no paraphrases, no relearning)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _mean_spread(values: list[float]) -> str:

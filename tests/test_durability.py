@@ -110,6 +110,17 @@ def test_smoke_run_writes_runs_results_and_resumes(tmp_path):
     assert again.returncode == 0 and "0 runs to do" in again.stdout
 
 
+def test_compare_shows_a_dash_for_what_a_run_did_not_measure(tmp_path):
+    record = json.loads((durability.RUNS / "runs" / "same-languages-5.mansu.seed0.json").read_text())
+    record["relearn"] = None  # a run without the relearning attack, on items without paraphrases
+    for reading in record["after"].values():
+        reading.pop("paraphrase_acc", None)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "same-languages-5.mansu.seed0.json").write_text(json.dumps(record))
+    (row,) = durability.compare([tmp_path]).splitlines()[2:]
+    assert row.startswith("| same-languages-5 | yes 0.00 / 0.00 (nf4) / 0.000 / - / - / ")
+
+
 def test_a_recovery_equal_to_a_baselines_up_to_float_rounding_is_not_below_it():
     assert 1 - 1 / 3 != 2 / 3  # the same share of held-out items, reached by two subtractions
     assert durability._not_below(2 / 3, 1 - 1 / 3) and durability._not_below(1 - 1 / 3, 2 / 3)

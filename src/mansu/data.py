@@ -203,8 +203,9 @@ def load_anchor(source: str, exclude: Sequence[Item] = ()) -> list[Item]:
     elif Path(source).is_file():
         items = read_jsonl(source)
     else:
-        raise MansuError(f"no anchor set {source!r}: name bundled ones ('general', 'countries', joined by '+' for "
-                         "both) or a JSONL file")
+        bundled = sorted(f.name.removesuffix(".jsonl") for f in folder.iterdir() if f.name.endswith(".jsonl"))
+        raise MansuError(f"no anchor set {source!r}: name bundled ones ({', '.join(map(repr, bundled))}; several joined "
+                         "by '+') or a JSONL file")
     prompts = {it.prompt.strip() for it in exclude}
     answers = {it.answer.strip().lower() for it in exclude}
     kept = [it for it in items if it.prompt.strip() not in prompts and it.answer.strip().lower() not in answers]
