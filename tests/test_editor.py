@@ -385,6 +385,25 @@ def test_once_full_precision_forgot_a_twin_that_still_knows_is_pushed(tokenizer,
     assert "forget_loss_exam" not in rounds[0] and "forget_loss_exam" in rounds[1]
 
 
+def test_the_relearning_exam_joins_the_stopping_rule_and_is_dropped_when_nothing_is_left_for_it(tokenizer, capitals,
+                                                                                                 monkeypatch):
+    """Forgotten in every reading but the relearning exam: each round takes the exam, a failed one makes the next
+    round read the attacked copy, and a stall with no growth drops the exam (recorded) so the run ends converged."""
+    editor = random_editor("llama", tokenizer, capitals, max_rounds=12, exam_formats=(), patience=1,
+                           relearn_exam=0.05, relearn_tolerance=0.0)
+    monkeypatch.setattr(editor, "forgotten", lambda full, score: True)
+    rounds, converged, reason = editor.run(tokenizer, capitals[:8], capitals[10:20])
+    assert converged and reason == "converged"
+    failed = [r for r in rounds if r.get("relearn_recovery", 0) > 0]
+    assert failed and failed[0] is rounds[0]  # this random model relearns: the exam fails from the first round
+    for record, following in zip(rounds, rounds[1:]):
+        pushed = record.get("relearn_recovery", 0) > 0 and not record.get("relearn_exam_dropped")
+        assert ("forget_loss_exam" in following) == pushed
+    dropped = [r["round"] for r in rounds if r.get("relearn_exam_dropped")]
+    assert dropped == [len(rounds) - 1] or (not dropped and rounds[-1]["relearn_recovery"] <= 0)
+    assert all("relearn_recovery" in r for r in rounds[: len(rounds) - bool(dropped)])
+
+
 def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer, capitals):
     """forget_on='choices': the objective reads the true choice against the other choices, so the gradient
     differs from the answer's own, and an output bias that lifts or lowers every choice's first token alike

@@ -201,3 +201,15 @@ def test_callback_sees_every_round_and_can_stop_the_run(tokenizer):
                            callback=lambda record: seen.append(record) or record["round"] >= 4)
     assert [r["round"] for r in seen] == [2, 4] and len(result.rounds) == 4 and result.stop_reason == "callback"
     assert seen == [result.rounds[1], result.rounds[3]]  # the checkpoints' records, as the result keeps them
+
+
+def test_the_result_says_how_the_relearning_exam_ended():
+    def result(rounds, converged=True, relearn_exam=1e-4):
+        return mansu.pipeline.UnlearnResult("mansu", converged, rounds, 0, 1, None, None, {}, {"relearn_exam": relearn_exam})
+
+    passed = [{"round": 1, "relearn_recovery": 0.4}, {"round": 2, "relearn_recovery": 0.0}]
+    assert result(passed).summary()["relearn_exam"] == "passed"
+    assert result([passed[0] | {"relearn_exam_dropped": True}, {"round": 2}]).summary()["relearn_exam"] == "dropped"
+    assert result([{"round": 1}]).summary()["relearn_exam"] == "not taken"  # one fact: nothing to attack with
+    assert result(passed[:1], converged=False).summary()["relearn_exam"] == "not reached"
+    assert "relearn_exam" not in result(passed, relearn_exam=None).summary()

@@ -172,7 +172,18 @@ class UnlearnResult(Result):
                "seconds": sum(self.timing_s.values())}
         if self.certificate is not None:
             out["certified"] = self.certificate.certified
+        if self.config.get("relearn_exam") is not None:
+            out["relearn_exam"] = self.relearn_exam()
         return out
+
+    def relearn_exam(self) -> str:
+        """How the relearning exam ended: passed, dropped (nothing was left to try for it), not taken (one forget
+        fact: no half to attack with), or not reached (the run did not converge)."""
+        if any(r.get("relearn_exam_dropped") for r in self.rounds):
+            return "dropped"
+        if not self.converged:
+            return "not reached"
+        return "passed" if "relearn_recovery" in self.rounds[-1] else "not taken"
 
 
 def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: Sequence[Item],
