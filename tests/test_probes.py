@@ -73,6 +73,11 @@ def test_a_sign_attack_steps_every_parameter_by_eps_down_the_answers_nll(tokeniz
     assert all(not p.requires_grad and p.grad is None for p in attacked.parameters())
     with torch.no_grad():
         assert retain_loss(attacked, batch) < retain_loss(model, batch)  # downhill: it learns the answers again
+    twice = sign_attacked(model, batch, 1e-3, steps=2)  # the gradient read again: a weight moves 0 or 2 eps
+    with torch.no_grad():
+        moved = torch.cat([(a - b).reshape(-1) for a, b in zip(twice.parameters(), model.parameters())]).abs()
+        assert (((moved - 2e-3).abs() < 1e-6) | (moved < 1e-6)).all() and (moved > 1e-3).any()
+        assert retain_loss(twice, batch) < retain_loss(attacked, batch)
     assert all((model.state_dict()[k] == v).all() for k, v in before.items())  # the model itself is untouched
 
 

@@ -71,11 +71,11 @@ class MansuConfig:
     # (PTQ gap <= 0); False: each at most target_forget_acc
     exam_formats: tuple[str, ...] = ("nf4-dq", "fp4", "int8", "q4_0", "q8_0")  # converged also needs the forget
     # set forgotten in each of these formats (full-model copies, checked once full precision and the twin are done)
-    relearn_exam: float | None = None  # converged also needs the forget set to resist a one-step relearning
-    # attack (`mansu.probes.sign_attacked`, a signed step of this size on every parameter, down the answer NLL of
-    # half of the forget facts) on the other half, each half in turn: at most `relearn_tolerance` more of it
-    # known than before the attack; while it fails, the attacked copy's forget gradient joins; None: off
-    relearn_tolerance: float = 0.2
+    relearn_exam: float | None = None  # converged also needs the forget set to resist a relearning attack
+    # (`mansu.probes.sign_attacked`: two signed steps of this size on every parameter, down the answer NLL of half
+    # of the forget facts) on the other half, each half in turn: at most `relearn_tolerance` more of it known than
+    # before the attack; while it fails, the attacked copy's forget gradient on that half joins; None: off
+    relearn_tolerance: float = 0.1
     format: str = "nf4"  # the deployed format every edit must cross a bin of
     floor_mode: str = "snap"  # "snap": onto the neighbouring level; "margin": just inside the next bin
     edits_per_round: int = 5_000  # weights moved per round: the ranking is first-order, and stale after a few

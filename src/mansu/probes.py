@@ -119,25 +119,28 @@ def fact_halves(items: Sequence[Item], seed: int = 0) -> tuple[list[Item], list[
     return [it for g in groups[:half] for it in g], [it for g in groups[half:] for it in g]
 
 
-def sign_attacked(model: nn.Module, batch: Batch, eps: float) -> nn.Module:
-    """A copy of `model` one signed step of size `eps` down the answer NLL of `batch`, on every parameter: the
-    first step of an Adam fine-tune (Adam's first update is lr * sign(gradient)), so a cheap stand-in for the
-    relearning attack (after MANSU, eps=1e-4 on half of cross-languages-10's facts brought back 0.6 of the other
-    half, 10 AdamW steps at lr 1e-5 0.8; on cross-animal_young-10 neither brought any back). The step is taken in
-    each parameter's dtype: in bf16 it is below most weights' rounding step."""
+def sign_attacked(model: nn.Module, batch: Batch, eps: float, steps: int = 1) -> nn.Module:
+    """A copy of `model` after `steps` signed steps of size `eps` down the answer NLL of `batch` (its gradient read
+    again before each), on every parameter: Adam's first updates are about lr * sign(gradient), so this is a cheap
+    stand-in for a relearning fine-tune. The steps are taken in each parameter's dtype: in bf16, eps=1e-4 is below
+    most weights' rounding step."""
     attacked = copy.deepcopy(model)
     attacked.eval()
     params = list(attacked.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    loss = retain_loss(attacked, batch)  # the answers' NLL: learning them again
-    check_finite(loss, 0)
-    loss.backward()
-    with torch.no_grad():
+    try:
+        for step in range(1, steps + 1):
+            for p in params:
+                p.requires_grad_(True)
+            loss = retain_loss(attacked, batch)  # the answers' NLL: learning them again
+            check_finite(loss, step)
+            loss.backward()
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.sub_(eps * p.grad.sign())
+                    p.grad = None
+    finally:
         for p in params:
-            if p.grad is not None:
-                p.sub_(eps * p.grad.sign())
-            p.grad = None
             p.requires_grad_(False)
     return attacked
 
