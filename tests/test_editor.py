@@ -408,6 +408,12 @@ def test_the_relearning_exam_joins_the_stopping_rule_and_is_dropped_when_nothing
     assert all("relearn_recovery" in r for r in rounds[: len(rounds) - bool(dropped)])
 
 
+def test_a_relearning_exam_on_a_bf16_model_warns_that_its_steps_round_away(tokenizer, capitals):
+    editor = random_editor("llama", tokenizer, capitals, dtype=torch.bfloat16, max_rounds=1, relearn_exam=1e-4)
+    with pytest.warns(UserWarning, match="torch.bfloat16"):
+        editor.run(tokenizer, capitals[:4], capitals[10:20])
+
+
 def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer, capitals):
     """forget_on='choices': the objective reads the true choice against the other choices, so the gradient
     differs from the answer's own, and an output bias that lifts or lowers every choice's first token alike

@@ -29,6 +29,7 @@ import functools
 import math
 import random
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -360,6 +361,11 @@ class Editor:
                 return None if refs is None else refs[[at[id(it)] for it in items]]
 
             self.halves = [(a, b, refs_of(b)) for a, b in (halves, halves[::-1])]
+            low = {p.dtype for p in self.model.parameters()} & {torch.bfloat16, torch.float16}
+            if low:  # a step below a weight's rounding step leaves it where it was: say so, do not pass silently
+                warnings.warn(f"relearn_exam's steps of {cfg.relearn_exam} are taken in the model's "
+                              f"{sorted(map(str, low))}, whose rounding step is larger for most weights: the exam "
+                              "attacks with less than that")
         anchor = (Anchor((self.model, self.quantized), tokenizer, load_anchor(cfg.anchor, forget))
                   if cfg.anchor_guard is not None else None)
         rounds: list[dict[str, Any]] = []
@@ -505,9 +511,9 @@ class Editor:
         return self.resists_relearning(tokenizer, record)
 
     def resists_relearning(self, tokenizer, record: dict[str, Any]) -> bool:
-        """With `relearn_exam`: a one-step attack on each half of the forget facts brings back at most
-        `relearn_tolerance` of the other half (the largest recovery and the attacked half's belief recorded); a
-        failing attack becomes the reading whose gradient joins the next rounds'."""
+        """With `relearn_exam`: the exam's attack (`RELEARN_STEPS` signed steps) on each half of the forget facts
+        brings back at most `relearn_tolerance` of the other half (the largest recovery and the attacked half's
+        belief recorded); a failing attack becomes the reading whose gradient joins the next rounds'."""
         if self.halves is None:
             return True
         worst = None
