@@ -345,8 +345,9 @@ class Editor:
         rng = random.Random(cfg.seed)
         guard_items = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
         guard_batch = encode_items(tokenizer, guard_items)
-        refs = self.references(tokenizer, forget)
-        forget_chunks = self.chunks(tokenizer, forget, refs)
+        forget_chunks = self.chunks(tokenizer, forget)
+        # (NPO) each item's log-prob before the edit, for the relearning exam's halves
+        refs = torch.cat([ref for _, ref, _ in forget_chunks]) if cfg.objective == "npo" else None
         variant_refs = self.references(tokenizer, variants)
         with torch.no_grad():
             guard_ref = self.nll(guard_batch)
