@@ -276,33 +276,6 @@ def test_converged_needs_every_exam_format_and_no_ptq_gap(tokenizer, capitals):
     assert editor.exam_format == (None if passed else "q4_0" if q4_0 > 0.3 else "fp4")  # the next rounds read it
 
 
-def test_the_relearning_exam_scores_each_half_after_a_sign_attack_on_the_other(tokenizer, capitals):
-    from mansu.editor import RELEARN, RELEARN_STEPS
-    from mansu.probes import fact_halves, knowledge, sign_attacked
-
-    forget = capitals[:8]
-    for tolerance in (0.0, 0.9):
-        editor = random_editor("llama", tokenizer, capitals, relearn_exam=0.05, relearn_tolerance=tolerance)
-        halves = fact_halves(forget, 0)
-        editor.halves = [(a, b, None) for a, b in (halves, halves[::-1])]
-        recoveries = []
-        for train, held in (halves, halves[::-1]):
-            attacked = sign_attacked(editor.model, encode_items(tokenizer, train), 0.05, RELEARN_STEPS)
-            recoveries.append(knowledge(attacked, tokenizer, held).score - knowledge(editor.model, tokenizer, held).score)
-        assert 0 < max(recoveries) < 0.9  # this random model relearns some of the held half: both outcomes happen
-        record = {}
-        passed = editor.resists_relearning(tokenizer, record)
-        assert record["relearn_recovery"] == pytest.approx(max(recoveries))
-        assert passed == (tolerance == 0.9)
-        assert editor.exam_format == (None if passed else RELEARN)  # a failing attack is the next rounds' reading
-        if not passed:  # it attacks with the worse half and pushes the other
-            worst = recoveries.index(max(recoveries))
-            assert len(editor.attack[0].input_ids) == len(editor.halves[worst][0])
-            assert sum(len(chunk[0].groups) for chunk in editor.attack[1]) == len(editor.halves[worst][1])
-    editor.halves = None  # relearn_exam off, or a single fact: nothing to attack with
-    assert editor.resists_relearning(tokenizer, {})
-
-
 def test_a_round_past_a_guard_gives_back_its_weaker_half_first(tokenizer, capitals):
     editor = random_editor("llama", tokenizer, capitals, fisher_cost=False, edits_per_round=8)
     name = next(iter(editor.mask))
@@ -344,6 +317,7 @@ def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals, fmt):
     exam, the model after the failing half's sign attack."""
     from mansu.methods import forget_loss
     from mansu.probes import sign_attacked
+    from mansu.relearn_exam import RELEARN_STEPS, RelearnExam
 
     forget_batch, retain_batch = encode_items(tokenizer, capitals[:4]), encode_items(tokenizer, capitals[10:14])
     editor = random_editor("llama", tokenizer, capitals, objective="npo", saturate_on="full", relearn_exam=1e-2)
@@ -351,9 +325,11 @@ def test_a_failed_exam_adds_that_formats_own_gradient(tokenizer, capitals, fmt):
         ref = mansu.answer_logprob(editor.model, forget_batch) + 0.5
     alone = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)[0]
     # the relearning reading pushes the half its attack did not train on: here, the same items as the others'
-    editor.exam_format, editor.attack = fmt, (encode_items(tokenizer, capitals[4:6]), [(forget_batch, ref, 1.0)])
+    editor.relearn = RelearnExam(editor.model, tokenizer, capitals[4:8], 1e-2, 0.0, 0, lambda items, refs: [], None)
+    editor.relearn.failed = (encode_items(tokenizer, capitals[4:6]), [(forget_batch, ref, 1.0)])
+    editor.exam_format = fmt
     joined, _, directions, losses = editor.gradients([(forget_batch, ref, 1.0)], retain_batch, 1)
-    copy_ = (sign_attacked(editor.model, editor.attack[0], 1e-2, mansu.editor.RELEARN_STEPS) if fmt == "relearn" else
+    copy_ = (sign_attacked(editor.model, editor.relearn.failed[0], 1e-2, RELEARN_STEPS) if fmt == "relearn" else
              mansu.quantized_copy(editor.model, fmt))
     params = dict(copy_.named_parameters())
     for p in params.values():
@@ -406,12 +382,6 @@ def test_the_relearning_exam_joins_the_stopping_rule_and_is_dropped_when_nothing
     else:  # the attacked copy's push brought the recovery down to the tolerance
         assert not dropped and len(rounds) > 1 and rounds[-1]["relearn_recovery"] <= 0
     assert all("relearn_recovery" in r for r in rounds[: len(rounds) - bool(dropped)])
-
-
-def test_a_relearning_exam_on_a_bf16_model_warns_that_its_steps_round_away(tokenizer, capitals):
-    editor = random_editor("llama", tokenizer, capitals, dtype=torch.bfloat16, max_rounds=1, relearn_exam=1e-4)
-    with pytest.warns(UserWarning, match="torch.bfloat16"):
-        editor.run(tokenizer, capitals[:4], capitals[10:20])
 
 
 def test_forgetting_over_choices_ignores_a_shift_of_every_choice_alike(tokenizer, capitals):

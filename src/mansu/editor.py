@@ -29,7 +29,6 @@ import functools
 import math
 import random
 import time
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,8 +42,9 @@ from .fisher import BoundConfig, Fisher, Mask, bound_update, flat_index, masked_
 from .floor import floor_targets
 from .layer_grads import layer_grads, sites
 from .methods import RoundCallback, check_finite, forget_loss, retain_loss
-from .probes import Knowledge, fact_halves, knowledge, sign_attacked
+from .probes import Knowledge, knowledge
 from .projection import Projector
+from .relearn_exam import RelearnExam
 from .quant import (Certificate, bin_geometry, block_absmax, block_scales, check, codes_at_scale, get_format,
                     keeps_tail, quantized_copy, quantized_layout, to_blocks)
 
@@ -83,11 +83,7 @@ class Editor:
         self.exam_format: str | None = None  # the failing reading whose gradient joins: the last exam's format,
         # or the deployed format (the twin) once full precision alone forgot; until the next exam
         self.edits_per_round = config.edits_per_round
-        # With `relearn_exam`: the forget facts' two halves, each as (the half that attacks, the half scored, the
-        # scored half's NPO references); and the attack that last brought too much back, as (its batch, the scored
-        # half's chunks): the relearning reading's gradient attacks with the one and pushes the other.
-        self.halves: list[tuple[list[Item], list[Item], torch.Tensor | None]] | None = None
-        self.attack: tuple[Batch, list[Chunk]] | None = None
+        self.relearn: RelearnExam | None = None  # with `relearn_exam` (and two forget facts), set by `run`
         # The deployed model, kept in step with the edit: only the blocks an edit touches are re-quantized.
         self.quantized = quantized_copy(model, config.format)
         self.quantized_params = dict(self.quantized.named_parameters())
@@ -187,14 +183,14 @@ class Editor:
             # format), straight through its rounding: pushing full precision alone let it sink to -22 nats while fp4
             # kept 0.3 of the forget set (cross-capitals-20); NPO on the copy also stops pushing an item once that
             # format forgot it.
+            relearning = self.exam_format == RELEARN
             exam = (self.quantized if self.exam_format == cfg.format else
-                    sign_attacked(self.model, self.attack[0], cfg.relearn_exam, RELEARN_STEPS)
-                    if self.exam_format == RELEARN else
+                    self.relearn.attacked(self.model, self.relearn.failed[0]) if relearning else
                     quantized_copy(self.model, self.exam_format))
             # After a relearning attack, only the half it did not train on is pushed: the attack's own half, relearned
             # head-on, is not what the attack is scored on, and pushing it too cost cross-languages-10 0.14 of utility
-            exam_passes = ([functools.partial(forget_objective, exam, *chunk) for chunk in self.attack[1]]
-                           if self.exam_format == RELEARN else passes(exam))
+            exam_passes = ([functools.partial(forget_objective, exam, *chunk) for chunk in self.relearn.failed[1]]
+                           if relearning else passes(exam))
             losses["forget_loss_exam"] = self._backward(exam_passes, exam_grads, step, exam)
             del exam
         losses["forget_loss"] = self._backward(passes(self.model), forget_grads, step)
@@ -351,22 +347,9 @@ class Editor:
         variant_refs = self.references(tokenizer, variants)
         with torch.no_grad():
             guard_ref = self.nll(guard_batch)
-        self.halves = None
-        if cfg.relearn_exam is not None and len({(it.answer, it.choices) for it in forget}) > 1:
-            # Halves of the run's own drawing, not fact_halves(forget, 0), the benchmark's attack: the exam must not
-            # know which facts an attacker trains on.
-            halves = fact_halves(forget, random.Random(cfg.seed).getrandbits(32))
-            at = {id(it): i for i, it in enumerate(forget)}  # fact_halves hands back the items themselves
-
-            def refs_of(items: list[Item]) -> torch.Tensor | None:
-                return None if refs is None else refs[[at[id(it)] for it in items]]
-
-            self.halves = [(a, b, refs_of(b)) for a, b in (halves, halves[::-1])]
-            low = {p.dtype for p in self.model.parameters()} & {torch.bfloat16, torch.float16}
-            if low:  # a step below a weight's rounding step leaves it where it was: say so, do not pass silently
-                warnings.warn(f"relearn_exam's steps of {cfg.relearn_exam} are taken in the model's "
-                              f"{sorted(map(str, low))}, whose rounding step is larger for most weights: the exam "
-                              "attacks with less than that")
+        self.relearn = (RelearnExam(self.model, tokenizer, forget, cfg.relearn_exam, cfg.relearn_tolerance, cfg.seed,
+                                    functools.partial(self.chunks, tokenizer), refs)
+                        if cfg.relearn_exam is not None and RelearnExam.possible(forget) else None)
         anchor = (Anchor((self.model, self.quantized), tokenizer, load_anchor(cfg.anchor, forget))
                   if cfg.anchor_guard is not None else None)
         rounds: list[dict[str, Any]] = []
@@ -442,7 +425,7 @@ class Editor:
                 elif relearning:
                     # Forgotten in every reading but the relearning exam, and nothing left to try for it: the
                     # exam is dropped (recorded), so the run ends on what it has, not as a failure to forget.
-                    self.halves, self.exam_format = None, None
+                    self.relearn, self.exam_format = None, None
                     record["relearn_exam_dropped"] = True
                 else:
                     return rounds, False, "no useful move left" if not moves else "stalled"
@@ -498,8 +481,9 @@ class Editor:
         return within and (score <= full.score or not self.config.stop_on_gap)
 
     def passes_exam(self, tokenizer, forget: Sequence[Item], full: Knowledge, record: dict[str, Any]) -> bool:
-        """The forget set forgotten in a copy of the model in each exam format, each recorded; stops at a failure,
-        whose format the next rounds' forget gradient also reads (see `gradients`)."""
+        """The forget set forgotten in a copy of the model in each exam format, each recorded, then (with
+        `relearn_exam`) the relearning exam passed; stops at a failure, whose reading the next rounds' forget gradient
+        also reads (see `gradients`)."""
         self.exam_format = None
         for fmt in self.config.exam_formats:
             copy_ = quantized_copy(self.model, fmt)
@@ -509,27 +493,8 @@ class Editor:
             if not self.forgotten(full, score):
                 self.exam_format = fmt
                 return False
-        return self.resists_relearning(tokenizer, record)
-
-    def resists_relearning(self, tokenizer, record: dict[str, Any]) -> bool:
-        """With `relearn_exam`: the exam's attack (`RELEARN_STEPS` signed steps) on each half of the forget facts
-        brings back at most `relearn_tolerance` of the other half (the largest recovery and the attacked half's
-        belief recorded); a failing attack becomes the reading whose gradient joins the next rounds'."""
-        if self.halves is None:
-            return True
-        worst = None
-        for train, held, refs in self.halves:
-            batch = encode_items(tokenizer, train)
-            attacked = sign_attacked(self.model, batch, self.config.relearn_exam, RELEARN_STEPS)
-            after = knowledge(attacked, tokenizer, held)
-            del attacked
-            recovery = after.score - knowledge(self.model, tokenizer, held).score
-            if worst is None or recovery > worst[0]:
-                worst = (recovery, after.belief, batch, held, refs)
-        recovery, belief, batch, held, refs = worst
-        record["relearn_recovery"], record["relearn_belief"] = recovery, belief
-        if recovery > self.config.relearn_tolerance + 1e-9:  # accuracies are item-count ratios: float slack
-            self.exam_format, self.attack = RELEARN, (batch, self.chunks(tokenizer, held, refs))
+        if self.relearn is not None and not self.relearn.passes(self.model, tokenizer, record):
+            self.exam_format = RELEARN  # the next rounds also push the held half on a copy so attacked
             return False
         return True
 
@@ -544,12 +509,7 @@ class Editor:
         return check(before, edited, self.config.format, {n: self.layout[n] for n in self.mask})
 
 
-RELEARN = "relearn"  # the relearning exam's reading, where `Editor.exam_format` names a failing one
-# Signed steps of the exam's attack. After MANSU on cross-opposites-20 (seed 0), 10 AdamW steps at lr 1e-5 on half
-# of the facts brought back 0.7 of the other half; one step of 1e-4 brought back 0.1-0.2 (each half attacking),
-# two 0.6-0.8; on cross-languages-10 one step brought back 0.6 against AdamW's 0.8, on cross-animal_young-10 neither
-# any (docs/method.md, 2026-12-07).
-RELEARN_STEPS = 2
+RELEARN = "relearn"  # the relearning exam's reading (mansu.relearn_exam), as `Editor.exam_format` names it
 
 
 def in_turn(n: int, per_round: int, step: int) -> list[int]:

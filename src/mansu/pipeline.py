@@ -10,7 +10,8 @@
    retain guard (and with `anchor_guard`, an anchor guard) gives back a round (with `backtracks`, its weaker
    half first) that hurts the retain set (the anchor facts); stop once the forget set is forgotten in full
    precision and in the quantized (deployed) model (with `stop_on_gap`, with no PTQ gap), and then in a copy
-   in every `exam_formats` format. When progress stalls, the circuit grows: attribution on the edited model
+   in every `exam_formats` format (with `relearn_exam`, also after a small relearning attack: mansu.relearn_exam).
+   When progress stalls, the circuit grows: attribution on the edited model
    adds the components that now carry the knowledge
 4. quantize-and-check: the permanence certificate against the original weights
 """
