@@ -105,12 +105,18 @@ class RelearnResult(Result):
                 **{f"{k}_before": v for k, v in self.before.items()}, **{f"{k}_after": v for k, v in self.after.items()}}
 
 
-def fact_halves(items: Sequence[Item], seed: int = 0) -> tuple[list[Item], list[Item]]:
-    """`items` split at random (under `seed`) into half of their facts and the rest, each fact (items with the
-    same answer and choices) whole on one side; with one item per fact, a seeded shuffle of the items."""
+def fact_groups(items: Sequence[Item]) -> dict[tuple, list[Item]]:
+    """`items` grouped by fact: one fact is one answer among the same choices, in however many wordings."""
     facts: dict[tuple, list[Item]] = {}
     for it in items:
         facts.setdefault((it.answer, it.choices), []).append(it)
+    return facts
+
+
+def fact_halves(items: Sequence[Item], seed: int = 0) -> tuple[list[Item], list[Item]]:
+    """`items` split at random (under `seed`) into half of their facts and the rest, each fact (items with the
+    same answer and choices) whole on one side; with one item per fact, a seeded shuffle of the items."""
+    facts = fact_groups(items)
     if len(facts) < 2:
         raise MansuError("a relearning attack needs at least 2 forget facts: half to train on, half to score")
     groups = list(facts.values())

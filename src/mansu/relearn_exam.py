@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .data import Batch, Item, encode_items
-from .probes import fact_halves, knowledge, sign_attacked
+from .probes import fact_groups, fact_halves, knowledge, sign_attacked
 
 # Signed steps of the exam's attack. After MANSU on cross-opposites-20 (seed 0), 10 AdamW steps at lr 1e-5 on half
 # of the facts brought back 0.7 of the other half; one step of 1e-4 brought back 0.1-0.2 (each half attacking),
@@ -51,7 +51,7 @@ class RelearnExam:
     @staticmethod
     def possible(forget: Sequence[Item]) -> bool:
         """An exam needs two facts: one half to attack with, one to score."""
-        return len({(it.answer, it.choices) for it in forget}) > 1
+        return len(fact_groups(forget)) > 1
 
     def attacked(self, model: nn.Module, batch: Batch) -> nn.Module:
         return sign_attacked(model, batch, self.eps, RELEARN_STEPS)
