@@ -342,42 +342,45 @@ def config_changes(record: dict[str, Any]) -> str:
     return json.dumps(changes | ({"train_paraphrases": trained} if trained else {}), sort_keys=True)
 
 
-def compare(outs: list[Path]) -> str:
-    """A markdown table: per split, each folder's MANSU run (seed 0, no ablation) as converged; forget full /
+def compare(outs: list[Path], seeds: tuple[int, ...] = (0,)) -> str:
+    """A markdown table: per split and seed, each folder's MANSU run (no ablation) as converged; forget full /
     worst format; utility drop NF4; paraphrase full; relearning recovery; unlearn s; and the count of issue
     #10's targets missed, relearning against the baselines of every folder given (none: relearning aside).
-    Each column is headed by its runs' `config_changes`. Below it, per folder, the same numbers over the splits
+    Each column is headed by its runs' `config_changes`. Below it, per folder, the same numbers over the runs
     it shares with the first folder, next to the first folder's on them."""
     import mansu
 
-    records = {out: [mansu.files.read_json(p) for p in sorted((out / "runs").glob("*.seed0.json"))] for out in outs}
+    records = {out: [mansu.files.read_json(p) for seed in sorted({0, *seeds})
+                     for p in sorted((out / "runs").glob(f"*.seed{seed}.json"))] for out in outs}
     rows = [{"job": r["job"], **metrics(r)} for rs in records.values() for r in rs]
-    lowest = lowest_baseline_recovery(rows)
+    lowest = lowest_baseline_recovery(rows)  # the baselines ran seed 0 alone
     graddiff = [r for r in rows if r["job"]["method"] == "graddiff"]
     cells: dict[str, dict[Path, str]] = {}
-    runs: dict[Path, dict[str, dict]] = {}  # per folder, per split: its MANSU run's metrics and missed targets
+    runs: dict[Path, dict[str, dict]] = {}  # per folder, per split (and seed): its MANSU run's metrics and misses
     heads = []
     for out in outs:
         overrides = set()
         for record in records[out]:
-            if record["job"]["method"] != "mansu" or record["job"]["ablation"]:
+            job = record["job"]
+            if job["method"] != "mansu" or job["ablation"] or job["seed"] not in seeds:
                 continue
             overrides.add(config_changes(record))
-            m = metrics(record) | {"job": record["job"]}
+            m = metrics(record) | {"job": job}
             m["missed"] = failures(m) + relearn_failure(m, lowest)
-            runs.setdefault(out, {})[record["job"]["split"]] = m
-            cells.setdefault(record["job"]["split"], {})[out] = (
+            key = job["split"] + (f" seed {job['seed']}" if len(seeds) > 1 else "")
+            runs.setdefault(out, {})[key] = m
+            cells.setdefault(key, {})[out] = (
                 f"{'yes' if m['converged'] else 'no'} {m['forget_full']:.2f} / {m['forget_worst_format']:.2f} "
                 f"({m['worst_format']}) / {m['utility_drop_nf4']:.3f} / {_shown_number(m['paraphrase_full'], '.2f')} / "
                 f"{_shown_number(m['relearn_recovery'], '+.2f')} / {m['unlearn_s']:.0f} s / {len(m['missed'])} missed")
         heads.append(f"{out.name} {' '.join(sorted(overrides))}")
-    lines = ["| split | " + " | ".join(heads) + " |", "|---" * (len(outs) + 1) + "|"]
-    lines += [f"| {split} | " + " | ".join(row.get(out, "-") for out in outs) + " |"
-              for split, row in sorted(cells.items())]
+    lines = ["| run | " + " | ".join(heads) + " |", "|---" * (len(outs) + 1) + "|"]
+    lines += [f"| {key} | " + " | ".join(row.get(out, "-") for out in outs) + " |"
+              for key, row in sorted(cells.items())]
     first = runs.get(outs[0], {})
     for out in outs[1:]:
         shared = sorted(set(runs.get(out, {})) & set(first))
-        lines += ["", f"On the {len(shared)} splits {out.name} shares with {outs[0].name}:"]
+        lines += ["", f"On the {len(shared)} runs {out.name} shares with {outs[0].name}:"]
         lines += [f"- {folder.name}: {_summary([runs[folder][s] for s in shared], graddiff)}"
                   for folder in (outs[0], out)]
     return "\n".join(lines)
@@ -385,12 +388,14 @@ def compare(outs: list[Path]) -> str:
 
 def _summary(ms: list[dict[str, Any]], graddiff: list[dict[str, Any]]) -> str:
     """One line over some MANSU runs: every target met, converged, the means and spreads of the generalization
-    and utility numbers, the misses by kind, and the unlearning time over GradDiff's (median, range)."""
+    and utility numbers, the misses by kind, and the unlearning time over GradDiff's on the same split (median,
+    range; GradDiff ran seed 0 alone, so every seed's run is set against that one)."""
     if not ms:
         return "no run"
     kinds = ("utility", "paraphrase", "relearn", "forget", "PTQ")
     missed = ", ".join(f"{k} {sum(any(f.startswith(k) for f in m['missed']) for m in ms)}" for k in kinds)
-    ratios = cost_ratios({"mansu": ms, "graddiff": graddiff})["time"]
+    graddiff_s = {g["job"]["split"]: g["unlearn_s"] for g in graddiff}
+    ratios = [m["unlearn_s"] / graddiff_s[m["job"]["split"]] for m in ms if m["job"]["split"] in graddiff_s]
     time = (f"; time {statistics.median(ratios):.2f}x GradDiff's (median, {min(ratios):.2f}-{max(ratios):.2f})"
             if ratios else "")
     met, converged = sum(not m["missed"] for m in ms), sum(bool(m["converged"]) for m in ms)
@@ -630,6 +635,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RUNS), help="folder for the runs and results (resumable; default: the "
                         "suite's records, kept in the repository so that a later checkout resumes them)")
     parser.add_argument("--smoke", action="store_true", help="one small split and two methods")
+    parser.add_argument("--seeds", default="0", help="compare: comma-separated MANSU seeds to set side by side")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time (each one thread when > 1)")
     parser.add_argument("--mansu", type=json.loads, default=None, metavar="JSON",
                         help="MansuConfig fields that differ from the defaults, e.g. '{\"backtracks\": 3}'")
@@ -646,7 +652,7 @@ def main() -> None:
     if args.command == "job":
         run_job(json.loads(args.job), out, args.smoke)
     elif args.command == "compare":
-        print(compare([Path(f) for f in args.folders]))
+        print(compare([Path(f) for f in args.folders], tuple(int(x) for x in args.seeds.split(","))))
     elif args.command == "run":
         run_suite(out, args.smoke, args.workers, args.mansu, args.splits.split(",") if args.splits else None,
                   args.train_paraphrases, args.doc)

@@ -208,3 +208,17 @@ def test_each_run_records_the_commit_and_the_versions_it_ran_with():
     head = subprocess.run(["git", "-C", env["mansu_source"], "rev-parse", "HEAD"], capture_output=True, text=True)
     assert env["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert env["transformers"] == importlib.metadata.version("transformers") and env["threads"] >= 1
+
+
+def test_compare_sets_each_seed_side_by_side_and_sums_over_the_shared_runs(tmp_path):
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder, seeds in zip(folders, ([0, 1, 2], [1, 2])):
+        (folder / "runs").mkdir(parents=True)
+        for seed in seeds:
+            name = f"same-languages-5.mansu.seed{seed}.json"
+            (folder / "runs" / name).write_text((durability.RUNS / "runs" / name).read_text())
+    table = durability.compare(folders, seeds=(1, 2)).splitlines()
+    assert [row.split(" | ")[0] for row in table[2:4]] == ["| same-languages-5 seed 1", "| same-languages-5 seed 2"]
+    assert table[5] == "On the 2 runs b shares with a:"  # seed 0 was not asked for
+    assert table[6].startswith("- a: every target met on ") and " of 2, converged " in table[6]
+    assert durability.compare(folders).splitlines()[2].endswith(" | - |")  # seed 0 alone: b has none
