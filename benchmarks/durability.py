@@ -394,8 +394,7 @@ def _summary(ms: list[dict[str, Any]], graddiff: list[dict[str, Any]]) -> str:
         return "no run"
     kinds = ("utility", "paraphrase", "relearn", "forget", "PTQ")
     missed = ", ".join(f"{k} {sum(any(f.startswith(k) for f in m['missed']) for m in ms)}" for k in kinds)
-    graddiff_s = {g["job"]["split"]: g["unlearn_s"] for g in graddiff}
-    ratios = [m["unlearn_s"] / graddiff_s[m["job"]["split"]] for m in ms if m["job"]["split"] in graddiff_s]
+    ratios = cost_ratios({"mansu": ms, "graddiff": graddiff}, seed=None)["time"]
     time = (f"; time {statistics.median(ratios):.2f}x GradDiff's (median, {min(ratios):.2f}-{max(ratios):.2f})"
             if ratios else "")
     met, converged = sum(not m["missed"] for m in ms), sum(bool(m["converged"]) for m in ms)
@@ -465,11 +464,12 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def cost_ratios(by_method: dict[str, list[dict]]) -> dict[str, list[float]]:
-    """Per split with both runs: MANSU's (seed 0) unlearning time and peak memory over GradDiff's."""
+def cost_ratios(by_method: dict[str, list[dict]], seed: int | None = 0) -> dict[str, list[float]]:
+    """Per split with both runs: MANSU's (seed `seed`; None: every seed's) unlearning time and peak memory over
+    GradDiff's (which ran seed 0 alone)."""
     graddiff = {r["job"]["split"]: r for r in by_method.get("graddiff", [])}
     pairs = [(r, graddiff[r["job"]["split"]]) for r in by_method.get("mansu", [])
-             if r["job"]["seed"] == 0 and r["job"]["split"] in graddiff]
+             if seed in (None, r["job"]["seed"]) and r["job"]["split"] in graddiff]
     return {"time": [m["unlearn_s"] / g["unlearn_s"] for m, g in pairs],
             "memory": [m["peak_mb"] / g["peak_mb"] for m, g in pairs]}
 

@@ -342,13 +342,13 @@ class Editor:
         guard_items = rng.sample(list(retain), min(cfg.retain_sample, len(retain)))
         guard_batch = encode_items(tokenizer, guard_items)
         forget_chunks = self.chunks(tokenizer, forget)
-        # (NPO) each item's log-prob before the edit, for the relearning exam's halves
-        refs = torch.cat([ref for _, ref, _ in forget_chunks]) if cfg.objective == "npo" else None
         variant_refs = self.references(tokenizer, variants)
         with torch.no_grad():
             guard_ref = self.nll(guard_batch)
+        # (NPO) the exam's halves keep each item's log-prob before the edit, read once with the forget chunks
         self.relearn = (RelearnExam(self.model, tokenizer, forget, cfg.relearn_exam, cfg.relearn_tolerance, cfg.seed,
-                                    functools.partial(self.chunks, tokenizer), refs)
+                                    functools.partial(self.chunks, tokenizer),
+                                    chunk_references(forget_chunks) if cfg.objective == "npo" else None)
                         if cfg.relearn_exam is not None and RelearnExam.possible(forget) else None)
         anchor = (Anchor((self.model, self.quantized), tokenizer, load_anchor(cfg.anchor, forget))
                   if cfg.anchor_guard is not None else None)
@@ -453,7 +453,7 @@ class Editor:
         """(NPO) `items`' log-probs now, before the edit, for rounds that read some of them at a time; else None."""
         if self.config.objective != "npo" or not items:
             return None
-        return torch.cat([ref for _, ref, _ in self.chunks(tokenizer, items)])
+        return chunk_references(self.chunks(tokenizer, items))
 
     def guarded(self, batch: Batch, reference: tuple[float, float], anchor: Anchor | None,
                 record: dict[str, Any]) -> bool:
@@ -507,6 +507,11 @@ class Editor:
             before[n][m] = self.original[n]
         edited = {n: self.params[n].detach() for n in self.mask}
         return check(before, edited, self.config.format, {n: self.layout[n] for n in self.mask})
+
+
+def chunk_references(chunks: list[Chunk]) -> torch.Tensor:
+    """(NPO) the log-probs before the edit that `Editor.chunks` read, in their items' order."""
+    return torch.cat([ref for _, ref, _ in chunks])
 
 
 RELEARN = "relearn"  # the relearning exam's reading (mansu.relearn_exam), as `Editor.exam_format` names it
