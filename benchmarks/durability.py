@@ -628,6 +628,17 @@ def plots(by_method: dict[str, list[dict]], records: list[dict], paths: list[Pat
     plt.close(fig)
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """`--seeds`' value, "0,1,2", as seeds; an argparse error naming what is not a seed."""
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are comma-separated integers such as 0,1,2, not {text!r}") from None
+    if any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError(f"seeds are >= 0, got {text!r}")
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("run", "report", "compare", "job"))
@@ -635,7 +646,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RUNS), help="folder for the runs and results (resumable; default: the "
                         "suite's records, kept in the repository so that a later checkout resumes them)")
     parser.add_argument("--smoke", action="store_true", help="one small split and two methods")
-    parser.add_argument("--seeds", default="0", help="compare: comma-separated MANSU seeds to set side by side")
+    parser.add_argument("--seeds", type=seed_list, default=(0,),
+                        help="compare: comma-separated MANSU seeds to set side by side, e.g. 0,1,2")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time (each one thread when > 1)")
     parser.add_argument("--mansu", type=json.loads, default=None, metavar="JSON",
                         help="MansuConfig fields that differ from the defaults, e.g. '{\"backtracks\": 3}'")
@@ -652,7 +664,7 @@ def main() -> None:
     if args.command == "job":
         run_job(json.loads(args.job), out, args.smoke)
     elif args.command == "compare":
-        print(compare([Path(f) for f in args.folders], tuple(int(x) for x in args.seeds.split(","))))
+        print(compare([Path(f) for f in args.folders], args.seeds))
     elif args.command == "run":
         run_suite(out, args.smoke, args.workers, args.mansu, args.splits.split(",") if args.splits else None,
                   args.train_paraphrases, args.doc)

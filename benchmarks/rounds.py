@@ -6,7 +6,8 @@
 
 The second argument (optional) is JSON of MansuConfig overrides. With `--utility-every K`, every K-th round
 also reads the accuracy of each untouched bundled set (its first 20 items) and of the
-forget set's paraphrases, and the end prints both and the forget set in every quantized format. With
+forget set's paraphrases, and the end prints both, the forget set in every quantized format, and the untouched
+items the edit lost (known before, not after). With
 `--anchor FILE` (a JSONL item set), every round also reads the change of those items' answer NLL and of their
 mean probability of the true choice, in full precision and NF4: whether a set the edit never sees moves with
 the untouched sets.
@@ -53,7 +54,8 @@ def main() -> None:
         paraphrase = mansu.evaluate(model, tokenizer, paraphrase_items(forget), progress=False).accuracy
         return f"utility change {drops}, paraphrase {paraphrase:.2f}"
 
-    before = {n: mansu.evaluate(model, tokenizer, items, progress=False).accuracy for n, items in utility.items()}
+    before_correct = {n: mansu.evaluate(model, tokenizer, items, progress=False).correct for n, items in utility.items()}
+    before = {n: sum(c) / len(c) for n, c in before_correct.items()}
     anchor = mansu.load_items(anchor_file) if anchor_file else None
 
     def anchor_scores() -> dict[str, float]:
@@ -81,6 +83,10 @@ def main() -> None:
         formats = {f: mansu.evaluate(mansu.quantized_copy(model, f), tokenizer, forget, progress=False).accuracy
                    for f in FORMATS}
         print(f"end: {probe()}; forget by format {formats}")
+        lost = {n: [it.prompt for it, was, now in zip(items, before_correct[n],
+                                                        mansu.evaluate(model, tokenizer, items, progress=False).correct)
+                    if was and not now] for n, items in utility.items()}
+        print(f"lost (known before, not after): {({n: p for n, p in lost.items() if p})}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """benchmarks/durability.py's --smoke mode runs end to end, resumes, and reports what the targets need."""
+import argparse
 import json
 import os
 import subprocess
@@ -222,3 +223,10 @@ def test_compare_sets_each_seed_side_by_side_and_sums_over_the_shared_runs(tmp_p
     assert table[5] == "On the 2 runs b shares with a:"  # seed 0 was not asked for
     assert table[6].startswith("- a: every target met on ") and " of 2, converged " in table[6]
     assert durability.compare(folders).splitlines()[2].endswith(" | - |")  # seed 0 alone: b has none
+
+
+def test_seeds_that_are_not_integers_are_an_error_naming_the_value():
+    assert durability.seed_list("0,1,2") == (0, 1, 2)
+    for bad in ("0,a", "1.5", "-1", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            durability.seed_list(bad)
