@@ -225,7 +225,7 @@ def test_compare_sets_each_seed_side_by_side_and_sums_over_the_shared_runs(tmp_p
     assert durability.compare(folders).splitlines()[2].endswith(" | - |")  # seed 0 alone: b has none
 
 
-def test_seeds_that_are_not_integers_are_an_error_naming_the_value():
+def test_seeds_other_than_non_negative_integers_are_an_error_naming_the_value():
     assert durability.seed_list("0,1,2") == (0, 1, 2)
     for bad in ("0,a", "1.5", "-1", ""):
         with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
