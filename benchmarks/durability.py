@@ -437,11 +437,50 @@ def report(out: Path, smoke: bool, doc: Path | None = None) -> None:
     overrides = sorted({config_changes(r) for r in records
                         if r["job"]["method"] == "mansu" and not r["job"]["ablation"]})
     text = markdown(by_method, mansu_rows, run_command(out, smoke, records, doc), planned,
-                    sum(r.get("job_s", 0.0) for r in records), overrides)
+                    sum(r.get("job_s", 0.0) for r in records), overrides) + neighbour_section(out)
     plots(by_method, records, [out / "durability.png"] + ([doc.with_suffix(".png")] if doc else []))
     if doc is not None:
         mansu.files.write_text(doc, text, replace=True)  # the doc is this script's own output
     print(text)
+
+
+def neighbour_section(out: Path) -> str:
+    """The markdown section of `benchmarks/neighbours.py`'s records under `out/neighbours` (one JSON line per
+    split, a file per method), or "" without any: the forget domain's items no set asks, which no target reads."""
+    rows = {}
+    for path in sorted((out / "neighbours").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["split"], row["method"]] = row
+    if not rows:
+        return ""
+    methods = sorted({m for _, m in rows}, key=lambda m: (m != "mansu", m))
+
+    def cell(row: dict | None, key: str) -> str:
+        if row is None:
+            return "-"
+        b, a = row["before"][key], row["after"][key]
+        return f"{b['full']:.2f} -> {a['full']:.2f} / {b['nf4']:.2f} -> {a['nf4']:.2f}"
+
+    lines = ["", "## Not in the targets: the forgotten relation's other subjects", "",
+             "On a cross-domain split, the forget domain's items that neither set asks (the same relation about other "
+             "subjects) are in no utility set: `default_utility` leaves out every bundled set a split touches. "
+             "`benchmarks/neighbours.py` scores them before and after one run of each method (seed-0 config), full "
+             "precision / NF4 (docs/method.md, 2026-12-07, third session):", "",
+             "```bash", "cd benchmarks && python neighbours.py SPLIT --method METHOD", "```", "",
+             "| split (neighbours) | " + " | ".join(f"{m}: forget | {m}: neighbours" for m in methods) + " |",
+             "|---|" + "---|---|" * len(methods)]
+    for split in sorted({s for s, _ in rows}):
+        n = next(r["n_neighbours"] for (s, _), r in rows.items() if s == split)
+        lines.append(f"| {split} ({n}) | " + " | ".join(f"{cell(rows.get((split, m)), 'forget')} | "
+                                                        f"{cell(rows.get((split, m)), 'neighbours')}"
+                                                        for m in methods) + " |")
+    for m in methods:
+        lost = [r["before"]["neighbours"]["nf4"] - r["after"]["neighbours"]["nf4"]
+                for (_, mm), r in rows.items() if mm == m]
+        lines.append(f"\n{m}: the neighbours lose {_mean_spread(lost)} in NF4 (mean ± spread over {len(lost)} splits, "
+                     f"{min(lost):.2f}-{max(lost):.2f}).")
+    return "\n".join(lines) + "\n"
 
 
 def run_command(out: Path, smoke: bool, records: list[dict[str, Any]], doc: Path | None = None) -> str:

@@ -230,3 +230,35 @@ def test_seeds_other_than_non_negative_integers_are_an_error_naming_the_value():
     for bad in ("0,a", "1.5", "-1", ""):
         with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
             durability.seed_list(bad)
+
+
+def test_neighbours_are_the_forget_domains_items_no_set_of_a_cross_split_asks():
+    import neighbours
+    from mansu.report import default_utility
+
+    split = {s.name: s for s in durability.suite()}["cross-cities-5"]
+    forget, retain = split.items()
+    near = neighbours.neighbours(split, forget, retain)
+    domain = {it.prompt for it in mansu.load_bundled("cities")}
+    asked = {it.prompt for it in [*forget, *retain]}
+    assert near and all(it.prompt in domain and it.prompt not in asked for it in near)
+    assert len(near) == len(domain) - len(forget)  # a cross split retains other domains: the rest of cities is left
+    # the suite's utility sets leave the whole forget domain out, so none of these is scored there
+    utility, names = default_utility(forget, retain)
+    assert "cities" not in names and not {it.prompt for it in near} & {it.prompt for it in utility}
+
+
+def test_the_report_adds_the_neighbours_records_side_by_side_per_method(tmp_path):
+    assert durability.neighbour_section(tmp_path) == ""  # no records: no section
+    (tmp_path / "neighbours").mkdir()
+    for method, after in (("mansu", 0.25), ("graddiff", 0.75)):
+        row = {"split": "cross-cities-5", "method": method, "n_neighbours": 53, "stop_reason": "converged",
+               "unlearn_s": 1.0, "before": {"forget": {"full": 1.0, "nf4": 1.0}, "neighbours": {"full": 1.0, "nf4": 1.0}},
+               "after": {"forget": {"full": 0.0, "nf4": 0.0}, "neighbours": {"full": after, "nf4": after}}}
+        (tmp_path / "neighbours" / f"{method}.jsonl").write_text(json.dumps(row) + "\n")
+    lines = durability.neighbour_section(tmp_path).splitlines()
+    header = next(line for line in lines if line.startswith("| split"))
+    assert header.index("mansu: neighbours") < header.index("graddiff: neighbours")  # MANSU first
+    row = next(line for line in lines if line.startswith("| cross-cities-5 (53)"))
+    assert row.split(" | ")[2] == "1.00 -> 0.25 / 1.00 -> 0.25" and row.split(" | ")[4].startswith("1.00 -> 0.75")
+    assert "mansu: the neighbours lose 0.750 in NF4" in "\n".join(lines)

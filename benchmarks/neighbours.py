@@ -1,0 +1,72 @@
+"""What an edit costs the forgotten relation's other subjects: on a cross-domain split of the durability suite, the
+forget domain's items in neither the forget nor the retain set ("neighbours": the same relation, asked of subjects
+the edit was not told to forget), before and after, in full precision and NF4.
+
+    python benchmarks/neighbours.py cross-cities-5 cross-languages-10 --method graddiff
+
+The suite's utility sets leave the forget domain out whole (`mansu.report.default_utility` takes only the bundled
+sets that share no prompt with the split), and a cross-domain split retains two other domains, so nothing the
+suite's targets read sees these items. Appends one JSON line per split to `--out`; `durability.py report` adds the
+suite's (benchmarks/results/durability/neighbours) to docs/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import durability
+
+import mansu
+from mansu.files import atomic_write
+
+
+def neighbours(split: durability.Split, forget, retain) -> list[mansu.Item]:
+    """The split's domain items that neither its forget nor its retain set asks."""
+    named = {it.prompt.strip() for it in [*forget, *retain]}
+    return [it for it in mansu.load_bundled(split.domain) if it.prompt.strip() not in named]
+
+
+def accuracy(model, tokenizer, items) -> dict[str, float]:
+    """Accuracy of `items` in full precision and in NF4."""
+    return {"full": mansu.evaluate(model, tokenizer, items, progress=False).accuracy,
+            "nf4": mansu.evaluate(mansu.quantized_copy(model, "nf4"), tokenizer, items, progress=False).accuracy}
+
+
+def measure(split: durability.Split, method: str) -> dict:
+    """One split: `method` with the suite's seed-0 config, its forget set and its neighbours before and after."""
+    forget, retain = split.items()
+    near = neighbours(split, forget, retain)
+    model, tokenizer = mansu.load_model()
+    before = {"forget": accuracy(model, tokenizer, forget), "neighbours": accuracy(model, tokenizer, near)}
+    config = durability.config_for({"split": split.name, "method": method, "seed": 0, "ablation": None}, False)
+    tick = time.perf_counter()
+    result = mansu.unlearn(model, tokenizer, forget, retain, config)
+    return {"split": split.name, "method": method, "n_neighbours": len(near), "stop_reason": result.stop_reason,
+            "unlearn_s": round(time.perf_counter() - tick, 1), "before": before,
+            "after": {"forget": accuracy(model, tokenizer, forget), "neighbours": accuracy(model, tokenizer, near)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("splits", nargs="+", help="cross-domain split names of the suite")
+    parser.add_argument("--method", default="mansu", choices=("mansu", *durability.BASELINES))
+    parser.add_argument("--out", type=Path, default=None, help="JSON lines file to append one line per split to "
+                        "(default: the suite's, benchmarks/results/durability/neighbours/METHOD.jsonl, which "
+                        "`durability.py report` reads)")
+    args = parser.parse_args()
+    splits = {s.name: s for s in durability.suite()}
+    unknown = [name for name in args.splits if name not in splits or not splits[name].others]
+    if unknown:
+        raise SystemExit(f"not cross-domain splits of the suite: {unknown}")
+    out = args.out or durability.RUNS / "neighbours" / f"{args.method}.jsonl"
+    for name in args.splits:
+        row = measure(splits[name], args.method)
+        print(json.dumps(row), flush=True)
+        old = out.read_text() if out.exists() else ""
+        atomic_write(out, lambda tmp: Path(tmp).write_text(old + json.dumps(row) + "\n"), replace=True)
+
+
+if __name__ == "__main__":
+    main()
