@@ -20,6 +20,7 @@ import durability
 
 import mansu
 from mansu.files import atomic_write
+from mansu.probes import variants
 
 
 def neighbours(split: durability.Split, forget, retain) -> list[mansu.Item]:
@@ -28,10 +29,13 @@ def neighbours(split: durability.Split, forget, retain) -> list[mansu.Item]:
     return [it for it in mansu.load_bundled(split.domain) if it.prompt.strip() not in named]
 
 
-def accuracy(model, tokenizer, items) -> dict[str, float]:
-    """Accuracy of `items` in full precision and in NF4."""
-    return {"full": mansu.evaluate(model, tokenizer, items, progress=False).accuracy,
-            "nf4": mansu.evaluate(mansu.quantized_copy(model, "nf4"), tokenizer, items, progress=False).accuracy}
+def accuracies(model, tokenizer, sets: dict[str, list[mansu.Item]]) -> dict[str, dict[str, float]]:
+    """Each set's accuracy in full precision and in NF4 (one quantized copy serves every set)."""
+    out: dict[str, dict[str, float]] = {name: {} for name in sets}
+    for fmt, scored in variants(model, ("nf4",)):
+        for name, items in sets.items():
+            out[name][fmt] = mansu.evaluate(scored, tokenizer, items, progress=False).accuracy
+    return out
 
 
 def measure(split: durability.Split, method: str) -> dict:
@@ -39,13 +43,14 @@ def measure(split: durability.Split, method: str) -> dict:
     forget, retain = split.items()
     near = neighbours(split, forget, retain)
     model, tokenizer = mansu.load_model()
-    before = {"forget": accuracy(model, tokenizer, forget), "neighbours": accuracy(model, tokenizer, near)}
+    sets = {"forget": forget, "neighbours": near}
+    before = accuracies(model, tokenizer, sets)
     config = durability.config_for({"split": split.name, "method": method, "seed": 0, "ablation": None}, False)
     tick = time.perf_counter()
     result = mansu.unlearn(model, tokenizer, forget, retain, config)
     return {"split": split.name, "method": method, "n_neighbours": len(near), "stop_reason": result.stop_reason,
             "unlearn_s": round(time.perf_counter() - tick, 1), "before": before,
-            "after": {"forget": accuracy(model, tokenizer, forget), "neighbours": accuracy(model, tokenizer, near)}}
+            "after": accuracies(model, tokenizer, sets)}
 
 
 def main() -> None:

@@ -48,13 +48,17 @@ def main() -> None:
     _, names = default_utility(forget, retain)
     utility = {name: mansu.load_bundled(name)[:20] for name in names}
 
-    def probe() -> str:
-        drops = {n: round(mansu.evaluate(model, tokenizer, items, progress=False).accuracy - before[n], 2)
-                 for n, items in utility.items()}
+    def correct_now() -> dict[str, list[bool]]:
+        """Per untouched set, which of its items the model answers right now."""
+        return {n: mansu.evaluate(model, tokenizer, items, progress=False).correct for n, items in utility.items()}
+
+    def probe(correct: dict[str, list[bool]] | None = None) -> str:
+        correct = correct or correct_now()
+        drops = {n: round(sum(c) / len(c) - before[n], 2) for n, c in correct.items()}
         paraphrase = mansu.evaluate(model, tokenizer, paraphrase_items(forget), progress=False).accuracy
         return f"utility change {drops}, paraphrase {paraphrase:.2f}"
 
-    before_correct = {n: mansu.evaluate(model, tokenizer, items, progress=False).correct for n, items in utility.items()}
+    before_correct = correct_now()
     before = {n: sum(c) / len(c) for n, c in before_correct.items()}
     anchor = mansu.load_items(anchor_file) if anchor_file else None
 
@@ -82,10 +86,10 @@ def main() -> None:
     if every:
         formats = {f: mansu.evaluate(mansu.quantized_copy(model, f), tokenizer, forget, progress=False).accuracy
                    for f in FORMATS}
-        print(f"end: {probe()}; forget by format {formats}")
-        lost = {n: [it.prompt for it, was, now in zip(items, before_correct[n],
-                                                        mansu.evaluate(model, tokenizer, items, progress=False).correct)
-                    if was and not now] for n, items in utility.items()}
+        after_correct = correct_now()
+        print(f"end: {probe(after_correct)}; forget by format {formats}")
+        lost = {n: [it.prompt for it, was, now in zip(items, before_correct[n], after_correct[n]) if was and not now]
+                for n, items in utility.items()}
         print(f"lost (known before, not after): {({n: p for n, p in lost.items() if p})}")
 
 

@@ -17,6 +17,7 @@ import mansu  # noqa: E402
 from durability import suite  # noqa: E402
 from mansu.data import encode_items  # noqa: E402
 from mansu.probes import fact_halves, sign_attacked  # noqa: E402
+from neighbours import neighbours  # noqa: E402
 
 ATTACK_EPS, ATTACK_STEPS, ATTACKERS = 1e-4, 2, 5
 
@@ -28,7 +29,7 @@ def main(names: list[str]) -> None:
         forget, retain = split.items()
         model, tokenizer = mansu.load_model()
         named = {it.prompt for it in [*forget, *retain]}
-        same_relation = [it for it in mansu.load_bundled(split.domain) if it.prompt not in named][:ATTACKERS]
+        same_relation = neighbours(split, forget, retain)[:ATTACKERS]
         other = "languages" if split.domain == "capitals" else "capitals"
         other_relation = [it for it in mansu.load_bundled(other) if it.prompt not in named][:ATTACKERS]
 
