@@ -3,6 +3,10 @@ forget domain's items in neither the forget nor the retain set ("neighbours": th
 the edit was not told to forget), before and after, in full precision and NF4.
 
     python benchmarks/neighbours.py cross-cities-5 cross-languages-10 --method graddiff
+    python benchmarks/neighbours.py cross-cities-5 --retain-neighbours 5 --out /tmp/cities-k5.jsonl
+
+`--retain-neighbours K` moves K of them (a seeded draw) into the retain set, as a user who adds a few examples of
+the forgotten relation would, and scores the rest.
 
 The suite's utility sets leave the forget domain out whole (`mansu.report.default_utility` takes only the bundled
 sets that share no prompt with the split), and a cross-domain split retains two other domains, so nothing the
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -29,28 +34,44 @@ def neighbours(split: durability.Split, forget, retain) -> list[mansu.Item]:
     return [it for it in mansu.load_bundled(split.domain) if it.prompt.strip() not in named]
 
 
-def accuracies(model, tokenizer, sets: dict[str, list[mansu.Item]]) -> dict[str, dict[str, float]]:
-    """Each set's accuracy in full precision and in NF4 (one quantized copy serves every set)."""
+def accuracies(model, tokenizer, sets: dict[str, list[mansu.Item]]) -> tuple[dict, dict]:
+    """Each set's accuracy in full precision and NF4 (one quantized copy serves every set), and the neighbours'
+    per-item correctness {prompt: [full, nf4]}."""
     out: dict[str, dict[str, float]] = {name: {} for name in sets}
+    correct: dict[str, list[bool]] = {it.prompt: [] for it in sets["neighbours"]}
     for fmt, scored in variants(model, ("nf4",)):
         for name, items in sets.items():
-            out[name][fmt] = mansu.evaluate(scored, tokenizer, items, progress=False).accuracy
-    return out
+            result = mansu.evaluate(scored, tokenizer, items, progress=False)
+            out[name][fmt] = result.accuracy
+            if name == "neighbours":
+                for it, ok in zip(items, result.correct):
+                    correct[it.prompt].append(ok)
+    return out, correct
 
 
-def measure(split: durability.Split, method: str) -> dict:
-    """One split: `method` with the suite's seed-0 config, its forget set and its neighbours before and after."""
+def measure(split: durability.Split, method: str, retain_neighbours: int = 0) -> dict:
+    """One split: `method` with the suite's seed-0 config, its forget set and its neighbours before and after;
+    `retain_neighbours` of the neighbours join the retain set and the rest are scored."""
     forget, retain = split.items()
     near = neighbours(split, forget, retain)
+    if retain_neighbours >= len(near):
+        raise SystemExit(f"{split.name} has {len(near)} neighbours: --retain-neighbours {retain_neighbours} "
+                         "would leave none to score")
+    drawn = set(random.Random(0).sample(range(len(near)), retain_neighbours))
+    moved = [it for i, it in enumerate(near) if i in drawn]
+    retain = [*retain, *moved]
+    near = [it for i, it in enumerate(near) if i not in drawn]
     model, tokenizer = mansu.load_model()
-    sets = {"forget": forget, "neighbours": near}
-    before = accuracies(model, tokenizer, sets)
+    sets = {"forget": forget, "neighbours": near} | ({"retained_neighbours": moved} if moved else {})
+    before, _ = accuracies(model, tokenizer, sets)
     config = durability.config_for({"split": split.name, "method": method, "seed": 0, "ablation": None}, False)
     tick = time.perf_counter()
     result = mansu.unlearn(model, tokenizer, forget, retain, config)
-    return {"split": split.name, "method": method, "n_neighbours": len(near), "stop_reason": result.stop_reason,
-            "unlearn_s": round(time.perf_counter() - tick, 1), "before": before,
-            "after": accuracies(model, tokenizer, sets)}
+    unlearn_s = round(time.perf_counter() - tick, 1)
+    after, correct = accuracies(model, tokenizer, sets)
+    return {"split": split.name, "method": method, "retain_neighbours": retain_neighbours,
+            "n_neighbours": len(near), "stop_reason": result.stop_reason, "rounds": len(result.rounds),
+            "unlearn_s": unlearn_s, "before": before, "after": after, "neighbours_correct_after": correct}
 
 
 def main() -> None:
@@ -60,14 +81,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON lines file to append one line per split to "
                         "(default: the suite's, benchmarks/results/durability/neighbours/METHOD.jsonl, which "
                         "`durability.py report` reads)")
+    parser.add_argument("--retain-neighbours", type=int, default=0, metavar="K",
+                        help="move K neighbours (a seeded draw) into the retain set and score the rest")
     args = parser.parse_args()
+    if args.retain_neighbours < 0:
+        parser.error(f"--retain-neighbours must be >= 0, got {args.retain_neighbours}")
     splits = {s.name: s for s in durability.suite()}
     unknown = [name for name in args.splits if name not in splits or not splits[name].others]
     if unknown:
         raise SystemExit(f"not cross-domain splits of the suite: {unknown}")
     out = args.out or durability.RUNS / "neighbours" / f"{args.method}.jsonl"
     for name in args.splits:
-        row = measure(splits[name], args.method)
+        row = measure(splits[name], args.method, args.retain_neighbours)
         print(json.dumps(row), flush=True)
         old = out.read_text() if out.exists() else ""
         atomic_write(out, lambda tmp: Path(tmp).write_text(old + json.dumps(row) + "\n"), replace=True)

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -63,6 +64,24 @@ def test_run_can_train_on_paraphrases(tmp_path, monkeypatch):
     assert main(args + ["--train-paraphrases", "1"]) == 2
     assert seen["forget"] == mansu.train_on_paraphrases(mansu.load_items("elements"), 1)
     assert main(args + ["--train-paraphrases", "-1"]) == 2 and not (tmp_path / "r.json").exists()
+
+
+def test_run_shows_mansus_warnings_as_one_line_when_they_happen(tmp_path, monkeypatch, capsys):
+    import mansu
+    import mansu.report
+
+    def stop(model, tokenizer, forget, retain, *args, **kwargs):
+        mansu.data.warn_if_relation_unkept(forget, retain)  # what `unlearn` warns first
+        print("the edit goes on", file=sys.stderr)
+        raise mansu.MansuError("stopped here")
+
+    monkeypatch.setattr(mansu, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(mansu.report, "run", stop)
+    assert main(["run", "--forget", "elements", "--retain", "languages", "--out", str(tmp_path / "r.json")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("mansu: warning: no retain prompt asks the forget prompts' relation ('The chemical "
+                               "symbol for ... is')")
+    assert lines[1:] == ["the edit goes on", "mansu: error: stopped here"]
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

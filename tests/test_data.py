@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import mansu
-from mansu.data import Item, batches, encode, load_items, prompt_variants, read_jsonl, split, train_on_paraphrases
+from mansu.data import (Item, batches, encode, load_bundled, load_items, prompt_variants, read_jsonl, relation_template,
+                        split, train_on_paraphrases)
 
 
 def test_item_validation():
@@ -234,3 +235,16 @@ def test_answer_tokens_are_exactly_the_continuation(style, tokenizer):
         assert text[len(head):].strip() == answer  # no stray space token: the answer is all the targets hold
         if style in ("gpt2", "smollm2"):  # byte-level decoding keeps a leading space
             assert tok.decode(answer_ids) == text[len(head):]
+
+
+def test_relation_template_is_the_words_every_prompt_shares_around_its_subject():
+    assert relation_template([it.prompt for it in load_bundled("capitals")]) == ("The capital of", "is")
+    assert relation_template([it.prompt for it in load_bundled("continents")]) == ("", "is a country in")
+    assert relation_template(["The capital of France is"] * 3) is None  # one distinct prompt: no subject varies
+    assert relation_template(["a b", "a b c"]) is None  # "a b" keeps one word for its subject: "a" alone is shared
+    assert relation_template(["The capital of France is", "Water boils at"]) is None
+    # a mate asks the relation of a subject of at least one word
+    forget = [Item(f"The capital of {c} is", "x", ("x", "y")) for c in ("France", "Peru")]
+    asked = [Item(p, "x", ("x", "y")) for p in ("The capital of South Korea is", "The capital of is",
+                                                "The currency of Peru is", "The capital of Chile was")]
+    assert mansu.data.relation_mates(forget, asked) == asked[:1]

@@ -1,5 +1,6 @@
 import copy
 import random
+import warnings
 
 import pytest
 import torch
@@ -146,6 +147,19 @@ def test_baselines_run_and_nan_losses_stop_with_a_clear_error(tokenizer):
         model.get_input_embeddings().weight.fill_(float("nan"))
     with pytest.raises(mansu.MansuError, match="loss became nan at step 1"):
         mansu.unlearn(model, tokenizer, FORGET, RETAIN, mansu.BaselineConfig(max_steps=2))
+
+
+def test_unlearn_warns_when_no_retain_prompt_asks_the_forgotten_relation(tokenizer):
+    from conftest import make_tiny
+
+    currencies = [Item(f"The currency of {c} is the", a, (a, "euro", "peso")) for c, a in [("Japan", "yen"),
+                                                                                          ("India", "rupee")]]
+    config = mansu.BaselineConfig(max_steps=1)
+    with pytest.warns(UserWarning, match=r"relation \('The capital of ... is'\)"):
+        mansu.unlearn(make_tiny("llama", tokenizer), tokenizer, FORGET, currencies, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a retain prompt asks the relation of Norway: no warning
+        mansu.unlearn(make_tiny("llama", tokenizer), tokenizer, FORGET, [*currencies, RETAIN[0]], config)
 
 
 def test_fisher_budget_caps_the_retain_cost_of_the_edit(tokenizer):

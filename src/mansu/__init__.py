@@ -8,7 +8,7 @@ from . import files
 from .attribution import Circuit, CircuitConfig, attribute, attribute_circuit
 from .circuit_divergence import CADResult, cad
 from .data import Item, bundled_sets, load_bundled, load_items, split, train_on_paraphrases
-from .errors import MansuError
+from .errors import MansuError, MansuWarning
 from .evaluation import EvalResult, answer_logprob, evaluate
 from .fisher import BoundConfig, BoundedUpdate, Fisher, FisherConfig, bound_update, diagonal_fisher
 from .floor import FloorStats, apply_floor_, floor_update
@@ -38,6 +38,6 @@ __all__ = [
     "Item", "load_items", "load_bundled", "bundled_sets", "split", "train_on_paraphrases", "answer_logprob",
     "attribute", "diagonal_fisher", "bound_update", "null_space_projector", "floor_update", "apply_floor_",
     "bin_geometry", "fake_quantize", "quantized_copy", "evaluate_formats", "generation_recall", "relearn_attack",
-    "EMBEDDED_MODEL", "MansuError",
+    "EMBEDDED_MODEL", "MansuError", "MansuWarning",
     "log_rounds", "files",
 ]

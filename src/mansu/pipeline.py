@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .attribution import Circuit, CircuitConfig, attribute_circuit
-from .data import Item, check_disjoint, load_anchor, prompt_variants, with_protection
+from .data import Item, check_disjoint, load_anchor, prompt_variants, warn_if_relation_unkept, with_protection
 from .config import check_types, from_dict
 from .editor import Editor
 from .errors import MansuError
@@ -191,11 +191,13 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
             config: MansuConfig | BaselineConfig | None = None, callback: RoundCallback | None = None
             ) -> UnlearnResult:
     """Make `model` (edited in place) forget `forget` while keeping `retain`; MANSU by default. `callback` is
-    called with each round's record (a baseline's: each forget-accuracy check); a true return stops the run."""
+    called with each round's record (a baseline's: each forget-accuracy check); a true return stops the run.
+    Warns (`MansuWarning`) when no retain prompt asks the forget prompts' relation of another subject."""
     config = config or MansuConfig()
     if not forget or not retain:
         raise MansuError("unlearning needs a non-empty forget set and a non-empty retain set")
     check_disjoint(forget=forget, retain=retain)
+    warn_if_relation_unkept(forget, retain)
     if isinstance(config, BaselineConfig):
         return _baseline(model, tokenizer, forget, retain, config, callback)
     if not isinstance(config, MansuConfig):

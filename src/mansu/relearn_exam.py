@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import Batch, Item, encode_items
+from .errors import MansuWarning
 from .probes import fact_groups, fact_halves, knowledge, sign_attacked
 
 # Signed steps of the exam's attack. After MANSU on cross-opposites-20 (seed 0), 10 AdamW steps at lr 1e-5 on half
@@ -46,7 +47,8 @@ class RelearnExam:
         low = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
         if low:  # a step below a weight's rounding step leaves it where it was: say so, do not pass silently
             warnings.warn(f"relearn_exam's steps of {eps} are taken in the model's {sorted(map(str, low))}, whose "
-                          "rounding step is larger for most weights: the exam attacks with less than that")
+                          "rounding step is larger for most weights: the exam attacks with less than that",
+                          MansuWarning)
 
     @staticmethod
     def possible(forget: Sequence[Item]) -> bool:
