@@ -41,6 +41,7 @@ def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tin
     assert "capitals" not in report["utility_sets"] and {"elements", "languages"} <= set(report["utility_sets"])
     assert report["n_utility"] == sum(min(40, len(mansu.load_bundled(n))) for n in report["utility_sets"])
     assert report["relearn"]["n_train"] == 1 and set(report["relearn"]["after"]) == {"full", "nf4", "q4_0"}
+    assert report["warnings"] == []  # the retain set asks the forgotten relation of other countries
     utility = write_items(tmp_path / "u.jsonl", FACTS[2:3])
     assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", retain, "--utility", utility,
                  "--out", str(tmp_path / "u.json")]) == 2  # utility shares a prompt with retain: refused
@@ -57,6 +58,19 @@ def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tin
     certificate = formats["nf4"]
     for key in ("changed", "flipped", "collateral"):
         assert certificate[key] == report["permanence"]["nf4"][key]
+
+
+def test_the_report_keeps_each_runs_warnings_and_the_cli_shows_them(tmp_path, tiny_dir, capsys):
+    forget = write_items(tmp_path / "f.jsonl", FACTS[:2])
+    retain = tmp_path / "r.jsonl"
+    retain.write_text("".join(json.dumps({"prompt": f"The currency of {c} is the", "answer": a, "choices": [a, b]}) + "\n"
+                              for c, a, b in [("Japan", "yen", "euro"), ("India", "rupee", "yen")]))
+    for name in ("a.json", "b.json"):  # a second run in the same process reports its warning again
+        assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", str(retain), "--method", "graddiff",
+                     "--out", str(tmp_path / name)]) == 0
+        (message,) = json.loads((tmp_path / name).read_text())["warnings"]
+        assert message.startswith("no retain prompt asks the forget prompts' relation ('The capital of ... is')")
+        assert capsys.readouterr().err.count(f"mansu: warning: {message}\n") == 1
 
 
 def test_a_utility_set_sharing_a_prompt_with_the_protection_set_is_refused(tokenizer):

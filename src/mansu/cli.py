@@ -6,10 +6,9 @@ import dataclasses
 import json
 import subprocess
 import sys
-import warnings
 from typing import Sequence
 
-from .errors import MansuError, MansuWarning
+from .errors import MansuError, mansu_warnings
 
 METHODS = ("mansu", "ga", "graddiff", "npo")
 DEMO_FILES = ("forget.jsonl", "retain.jsonl", "graddiff.json", "mansu.json", "table.txt", "update_ratios.png")
@@ -211,17 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():  # restores the previous display when the command ends
-        shown = warnings.showwarning
-
-        def show(message, category, *where, **kw) -> None:
-            """mansu's own warnings as one line, when they happen; any other library's as Python shows them."""
-            if issubclass(category, MansuWarning):
-                print(f"mansu: warning: {message}", file=sys.stderr)
-            else:
-                shown(message, category, *where, **kw)
-
-        warnings.showwarning = show
+    with mansu_warnings(lambda message: print(f"mansu: warning: {message}", file=sys.stderr)):
         try:
             args.func(args)
         except MansuError as err:

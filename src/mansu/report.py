@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .data import Item
-from .errors import MansuError
+from .errors import MansuError, mansu_warnings
 from . import __version__
 from .files import WRITTEN_BY, atomic_write, read_json
 from .results import Result
@@ -119,6 +119,7 @@ class RunReport(Result):
     cad_nf4: float | None = None  # CAD of the edited model's NF4 copy against the original circuit
     stop_reason: str = ""  # why the method stopped (UnlearnResult.stop_reason): "converged", or why not
     rounds: list[dict[str, Any]] = field(default_factory=list)  # every round's record (UnlearnResult.rounds)
+    warnings: list[str] = field(default_factory=list)  # the MansuWarnings the edit raised (also shown when raised)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "RunReport":
@@ -236,7 +237,8 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     original = {n: p.detach().clone() for n, p in model.state_dict().items()}
     reset_peak_rss()
     tick = time.perf_counter()
-    result = unlearn(model, tokenizer, forget, retain, config)
+    with mansu_warnings() as raised:
+        result = unlearn(model, tokenizer, forget, retain, config)
     unlearn_s = time.perf_counter() - tick
     peak_unlearn = peak_rss_mb()
     after = run_scores(model, tokenizer, sets, formats)
@@ -266,5 +268,5 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
         edited_fraction=nf4.changed / sum(p.numel() for p in model.parameters()),
         config=result.config, update_ratio_sample=nf4.ratio_sample.tolist(), converged=result.converged,
         n_utility=len(utility), utility_sets=utility_sets, relearn=attack.to_dict() if attack else None,
-        stop_reason=result.stop_reason, rounds=result.rounds,
+        stop_reason=result.stop_reason, rounds=result.rounds, warnings=raised,
     )
