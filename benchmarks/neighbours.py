@@ -4,6 +4,7 @@ the edit was not told to forget), before and after, in full precision and NF4.
 
     python benchmarks/neighbours.py cross-cities-5 cross-languages-10 --method graddiff
     python benchmarks/neighbours.py cross-cities-5 --retain-neighbours 5 --out /tmp/cities-k5.jsonl
+    python benchmarks/neighbours.py cross-cities-5 --overrides '{"circuit": {"kinds": ["neuron"]}}' --out /tmp/n.jsonl
 
 `--retain-neighbours K` moves K of them (a seeded draw) into the retain set, as a user who adds a few examples of
 the forgotten relation would, and scores the rest.
@@ -49,9 +50,10 @@ def accuracies(model, tokenizer, sets: dict[str, list[mansu.Item]]) -> tuple[dic
     return out, correct
 
 
-def measure(split: durability.Split, method: str, retain_neighbours: int = 0) -> dict:
-    """One split: `method` with the suite's seed-0 config, its forget set and its neighbours before and after;
-    `retain_neighbours` of the neighbours join the retain set and the rest are scored."""
+def measure(split: durability.Split, method: str, retain_neighbours: int = 0, overrides: dict | None = None) -> dict:
+    """One split: `method` with the suite's seed-0 config (MANSU's fields changed by `overrides`), its forget set
+    and its neighbours before and after; `retain_neighbours` of the neighbours join the retain set and the rest
+    are scored."""
     forget, retain = split.items()
     near = neighbours(split, forget, retain)
     if retain_neighbours >= len(near):
@@ -64,12 +66,13 @@ def measure(split: durability.Split, method: str, retain_neighbours: int = 0) ->
     model, tokenizer = mansu.load_model()
     sets = {"forget": forget, "neighbours": near} | ({"retained_neighbours": moved} if moved else {})
     before, _ = accuracies(model, tokenizer, sets)
-    config = durability.config_for({"split": split.name, "method": method, "seed": 0, "ablation": None}, False)
+    config = durability.config_for({"split": split.name, "method": method, "seed": 0, "ablation": None,
+                                    "overrides": overrides or {}}, False)
     tick = time.perf_counter()
     result = mansu.unlearn(model, tokenizer, forget, retain, config)
     unlearn_s = round(time.perf_counter() - tick, 1)
     after, correct = accuracies(model, tokenizer, sets)
-    return {"split": split.name, "method": method, "retain_neighbours": retain_neighbours,
+    return {"split": split.name, "method": method, "retain_neighbours": retain_neighbours, "overrides": overrides or {},
             "n_neighbours": len(near), "stop_reason": result.stop_reason, "rounds": len(result.rounds),
             "unlearn_s": unlearn_s, "before": before, "after": after, "neighbours_correct_after": correct}
 
@@ -83,7 +86,11 @@ def main() -> None:
                         "`durability.py report` reads)")
     parser.add_argument("--retain-neighbours", type=int, default=0, metavar="K",
                         help="move K neighbours (a seeded draw) into the retain set and score the rest")
+    parser.add_argument("--overrides", type=json.loads, default={}, metavar="JSON",
+                        help='MansuConfig fields to change, e.g. \'{"relearn_exam": 1e-4}\' (MANSU only)')
     args = parser.parse_args()
+    if args.overrides and args.method != "mansu":
+        parser.error("--overrides changes MansuConfig fields: use it with --method mansu")
     if args.retain_neighbours < 0:
         parser.error(f"--retain-neighbours must be >= 0, got {args.retain_neighbours}")
     splits = {s.name: s for s in durability.suite()}
@@ -92,7 +99,7 @@ def main() -> None:
         raise SystemExit(f"not cross-domain splits of the suite: {unknown}")
     out = args.out or durability.RUNS / "neighbours" / f"{args.method}.jsonl"
     for name in args.splits:
-        row = measure(splits[name], args.method, args.retain_neighbours)
+        row = measure(splits[name], args.method, args.retain_neighbours, args.overrides)
         print(json.dumps(row), flush=True)
         old = out.read_text() if out.exists() else ""
         atomic_write(out, lambda tmp: Path(tmp).write_text(old + json.dumps(row) + "\n"), replace=True)

@@ -248,6 +248,28 @@ def test_neighbours_are_the_forget_domains_items_no_set_of_a_cross_split_asks():
     assert "cities" not in names and not {it.prompt for it in near} & {it.prompt for it in utility}
 
 
+def test_neighbours_runs_mansu_with_the_overrides_given_and_records_them(monkeypatch):
+    import neighbours
+    from types import SimpleNamespace
+
+    seen = {}
+    monkeypatch.setattr(neighbours.mansu, "load_model", lambda: (None, None))
+    monkeypatch.setattr(neighbours, "accuracies", lambda model, tok, sets: ({}, {}))
+    monkeypatch.setattr(neighbours.mansu, "unlearn", lambda model, tok, forget, retain, config: seen.update(
+        config=config) or SimpleNamespace(stop_reason="converged", rounds=[]))
+    split = {s.name: s for s in durability.suite()}["cross-cities-5"]
+    row = neighbours.measure(split, "mansu", overrides={"relearn_exam": 1e-4, "protect": None})
+    assert seen["config"].relearn_exam == 1e-4 and seen["config"].protect is None
+    assert row["overrides"] == {"relearn_exam": 1e-4, "protect": None}
+    neighbours.measure(split, "mansu")
+    assert seen["config"] == durability.config_for({"split": split.name, "method": "mansu", "seed": 0,
+                                                    "ablation": None}, False)  # none given: the suite's config
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "neighbours.py"), "cross-cities-5", "--method", "graddiff",
+           "--overrides", '{"relearn_exam": 1e-4}']
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--overrides changes MansuConfig fields" in proc.stderr
+
+
 def test_the_report_adds_the_neighbours_records_side_by_side_per_method(tmp_path):
     assert durability.neighbour_section(tmp_path) == ""  # no records: no section
     (tmp_path / "neighbours").mkdir()
