@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--overrides", type=json.loads, default={}, metavar="JSON",
                         help='MansuConfig fields to change, e.g. \'{"relearn_exam": 1e-4}\' (MANSU only)')
     args = parser.parse_args()
+    if not isinstance(args.overrides, dict):
+        parser.error(f"--overrides must be a JSON object of MansuConfig fields, got {args.overrides!r}")
     if args.overrides and args.method != "mansu":
         parser.error("--overrides changes MansuConfig fields: use it with --method mansu")
     if args.retain_neighbours < 0:

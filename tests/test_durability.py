@@ -268,6 +268,8 @@ def test_neighbours_runs_mansu_with_the_overrides_given_and_records_them(monkeyp
            "--overrides", '{"relearn_exam": 1e-4}']
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2 and "--overrides changes MansuConfig fields" in proc.stderr
+    proc = subprocess.run(cmd[:3] + ["--overrides", "[1]"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "must be a JSON object" in proc.stderr
 
 
 def test_the_report_adds_the_neighbours_records_side_by_side_per_method(tmp_path):
