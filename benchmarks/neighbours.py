@@ -35,6 +35,12 @@ def neighbours(split: durability.Split, forget, retain) -> list[mansu.Item]:
     return [it for it in mansu.load_bundled(split.domain) if it.prompt.strip() not in named]
 
 
+def draw(near: list[mansu.Item], k: int) -> tuple[list[mansu.Item], list[mansu.Item]]:
+    """A seeded draw of `k` neighbours to move into the retain set, and the rest, kept to score."""
+    drawn = set(random.Random(0).sample(range(len(near)), k))
+    return [it for i, it in enumerate(near) if i in drawn], [it for i, it in enumerate(near) if i not in drawn]
+
+
 def accuracies(model, tokenizer, sets: dict[str, list[mansu.Item]]) -> tuple[dict, dict]:
     """Each set's accuracy in full precision and NF4 (one quantized copy serves every set), and the neighbours'
     per-item correctness {prompt: [full, nf4]}."""
@@ -59,10 +65,8 @@ def measure(split: durability.Split, method: str, retain_neighbours: int = 0, ov
     if retain_neighbours >= len(near):
         raise SystemExit(f"{split.name} has {len(near)} neighbours: --retain-neighbours {retain_neighbours} "
                          "would leave none to score")
-    drawn = set(random.Random(0).sample(range(len(near)), retain_neighbours))
-    moved = [it for i, it in enumerate(near) if i in drawn]
+    moved, near = draw(near, retain_neighbours)
     retain = [*retain, *moved]
-    near = [it for i, it in enumerate(near) if i not in drawn]
     model, tokenizer = mansu.load_model()
     sets = {"forget": forget, "neighbours": near} | ({"retained_neighbours": moved} if moved else {})
     before, _ = accuracies(model, tokenizer, sets)

@@ -248,6 +248,17 @@ def test_neighbours_are_the_forget_domains_items_no_set_of_a_cross_split_asks():
     assert "cities" not in names and not {it.prompt for it in near} & {it.prompt for it in utility}
 
 
+def test_the_neighbours_drawn_into_retain_are_k_seeded_ones_and_the_rest_are_scored():
+    import neighbours
+
+    near = mansu.load_bundled("cities")
+    moved, held = neighbours.draw(near, 5)
+    assert len(moved) == 5 and len(held) == len(near) - 5
+    assert sorted(it.prompt for it in [*moved, *held]) == sorted(it.prompt for it in near)
+    assert neighbours.draw(near, 5) == (moved, held)  # seeded: every script that draws gets the same five
+    assert neighbours.draw(near, 0) == ([], near)
+
+
 def test_neighbours_runs_mansu_with_the_overrides_given_and_records_them(monkeypatch):
     import neighbours
     from types import SimpleNamespace

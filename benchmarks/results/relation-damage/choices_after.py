@@ -9,7 +9,6 @@ A winner among the forget items' wrong choices is tagged "forgetdistractor", one
 """
 import dataclasses
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -36,14 +35,13 @@ def main() -> None:
     split = {s.name: s for s in durability.suite()}["cross-languages-10"]
     forget, retain = split.items()
     near = nb.neighbours(split, forget, retain)
-    drawn = set(random.Random(0).sample(range(len(near)), 5))  # neighbours.py's draw
-    sets = {"moved into retain": [it for i, it in enumerate(near) if i in drawn],
-            "held": [it for i, it in enumerate(near) if i not in drawn], "forget": forget}
+    moved, held = nb.draw(near, 5)
+    sets = {"moved into retain": moved, "held": held, "forget": forget}
     model, tokenizer = mansu.load_model()
     before = {name: choice_scores(model, tokenizer, items) for name, items in sets.items()}
     config = durability.config_for({"split": split.name, "method": "mansu", "seed": 0, "ablation": None}, False)
     config = dataclasses.replace(config, **overrides)
-    mansu.unlearn(model, tokenizer, forget, [*retain, *sets["moved into retain"]], config)
+    mansu.unlearn(model, tokenizer, forget, [*retain, *moved], config)
     wrong = {c for it in forget for c in it.choices if c != it.answer}
     answers = {it.answer for it in forget}
     print(f"overrides: {json.dumps(overrides)}")
