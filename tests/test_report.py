@@ -89,6 +89,26 @@ def test_a_utility_set_sharing_a_prompt_with_the_protection_set_is_refused(token
             mansu.MansuConfig(progress=False, protect=None), utility=[anchor], before={"full": {}})
 
 
+def test_utility_items_the_model_named_as_neighbours_are_reported_as_touched(tokenizer, monkeypatch):
+    """`relation_neighbours` adds items the model names to the retain set inside `unlearn`: one that is also a utility
+    item was kept by the edit, and the report says so (a warning) and lists what was added."""
+    from conftest import make_tiny
+    from mansu.report import run
+
+    items = [mansu.Item(f"The capital of {c} is", a, (a, "Madrid", "Berlin")) for c, a in FACTS[:4]]
+    named = items[3:]  # the model "names" Norway, whose capital is a utility item
+    monkeypatch.setattr(mansu.pipeline, "self_neighbours", lambda *args, **kwargs: list(named))
+    config = mansu.MansuConfig(relation_neighbours=1, protect=None, max_rounds=1, edits_per_round=50, exam_formats=(),
+                               progress=False)
+    report = run(make_tiny("llama", tokenizer), tokenizer, items[:2], items[2:3], config, utility=named)
+    (message,) = report.warnings
+    assert message.startswith("1 utility item(s) are among the neighbours the model named") and "Norway" in message
+    assert report.named_neighbours == [{"prompt": "The capital of Norway is", "answer": "Oslo",
+                                        "choices": ["Oslo", "Madrid", "Berlin"]}]
+    other = [mansu.Item("The currency of Japan is the", "yen", ("yen", "euro"))]
+    assert run(make_tiny("llama", tokenizer), tokenizer, items[:2], items[2:3], config, utility=other).warnings == []
+
+
 def test_table_and_plot_from_reports(tmp_path, tiny_dir):
     forget, retain = write_items(tmp_path / "f.jsonl", FACTS[:2]), write_items(tmp_path / "r.jsonl", FACTS[2:])
     reports = []

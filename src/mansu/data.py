@@ -189,8 +189,9 @@ def warn_if_relation_unkept(forget: Sequence[Item], retain: Sequence[Item]) -> N
     warnings.warn(f"no retain prompt asks the forget prompts' relation ({relation!r}) of another subject, so nothing "
                   "tells the edit to keep the relation itself: on the durability suite's cross-domain splits the "
                   "model kept only 0.12-0.49 of that relation's other facts in NF4 after MANSU. Add facts of the "
-                  "relation the model should keep to the retain set (docs/method.md, \"Facts of the forgotten "
-                  "relation in the retain set\")", MansuWarning, stacklevel=3)
+                  "relation the model should keep to the retain set, or let the model name some "
+                  "(MansuConfig(relation_neighbours=20); docs/method.md, \"Neighbours the model names itself\")",
+                  MansuWarning, stacklevel=3)
 
 
 def load_items(source: str | os.PathLike | Iterable[Any]) -> list[Item]:

@@ -1,6 +1,7 @@
 """`unlearn`: the MANSU pipeline as readable steps, and the one entry point for the baselines too.
 
-0. with `protect` (the default), a bundled general-knowledge set joins the retain set for every step below; with
+0. with `protect` (the default), a bundled general-knowledge set joins the retain set for every step below, and with
+   `relation_neighbours`, items asking the forget prompts' relation of subjects the model names (mansu.relation); with
    `forget_variants`, generated rewordings of each forget item (mansu.data.prompt_variants) join step 3's
    forget objective (about one per item each round); attribution and the stopping rule read the items themselves
 1. attribute the forget circuit (EAP-IG)            -> only its parameters may move
@@ -33,6 +34,7 @@ from .fisher import BoundConfig, Fisher, Mask, diagonal_fisher
 from .methods import BaselineConfig, RoundCallback, run_baseline_
 from .models import require_loaded
 from .projection import ProjectionConfig, Projector, null_space_projector
+from .relation import self_neighbours
 from .quant import Certificate, get_format, quantized_weights
 from .results import Result
 
@@ -62,6 +64,11 @@ class MansuConfig:
     # true choice by more: they guard what neither set names (retain can stay perfect while untouched knowledge
     # falls); None: off
     anchor: str = "general"  # the anchor items: a bundled anchor set (mansu.data.load_anchor) or a JSONL path
+    relation_neighbours: int = 0  # up to this many items asking the forget prompts' relation of subjects the model
+    # names itself, labelled with its own best answer (mansu.relation.self_neighbours), join the retain set as
+    # `protect` does; not a default: on the 8 cross splits (20, seed 0) the relation's other facts kept 0.57 in NF4
+    # instead of 0.29, but on the 16 splits every target was met on 8 runs (defaults 7), cross-capitals-20 stalled,
+    # in 1.93x GradDiff's median time (docs/method.md, "Neighbours the model names itself"); 0: none
     protect: str | None = "general"  # an anchor set (as `anchor`) that joins the retain set everywhere the edit
     # reads it (attribution's penalty, Fisher, projector, rounds, guard): knowledge the user's retain set does not
     # name. cross-capitals-20, retaining cities and continents, lost 0.30 of its untouched sets without it
@@ -122,6 +129,8 @@ class MansuConfig:
         for name in ("edits_per_round", "max_rounds", "retain_sample", "attribution_retain", "patience"):
             if getattr(self, name) < 1:
                 raise MansuError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.relation_neighbours < 0:
+            raise MansuError(f"relation_neighbours must be >= 0, got {self.relation_neighbours}")
         if min(self.retain_weight, self.cost_smoothing, self.grow_mass, self.max_growths) < 0 or self.npo_beta <= 0:
             raise MansuError("retain_weight, cost_smoothing, grow_mass and max_growths must be >= 0, npo_beta > 0")
         if self.retain_guard is not None and self.retain_guard <= 0:
@@ -165,6 +174,8 @@ class UnlearnResult(Result):
     stop_reason: str = ""  # converged; or why not: stalled, no useful move left, max_rounds, callback (baselines:
     # max_steps)
     circuit_params: int | None = None  # parameters the edit could move, after any growth
+    named_neighbours: list[Item] = field(default_factory=list)  # what `relation_neighbours` added to the retain
+    # set: the relation asked of subjects the model named, each labelled with its own best answer
 
     def summary(self) -> dict[str, Any]:
         out = {"method": self.method, "converged": self.converged, "stop_reason": self.stop_reason,
@@ -175,6 +186,8 @@ class UnlearnResult(Result):
             out["certified"] = self.certificate.certified
         if self.config.get("relearn_exam") is not None:
             out["relearn_exam"] = self.relearn_exam()
+        if self.config.get("relation_neighbours"):
+            out["named_neighbours"] = len(self.named_neighbours)
         return out
 
     def relearn_exam(self) -> str:
@@ -197,7 +210,8 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     if not forget or not retain:
         raise MansuError("unlearning needs a non-empty forget set and a non-empty retain set")
     check_disjoint(forget=forget, retain=retain)
-    warn_if_relation_unkept(forget, retain)
+    if not (isinstance(config, MansuConfig) and config.relation_neighbours):
+        warn_if_relation_unkept(forget, retain)
     if isinstance(config, BaselineConfig):
         return _baseline(model, tokenizer, forget, retain, config, callback)
     if not isinstance(config, MansuConfig):
@@ -205,6 +219,9 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     timing: dict[str, float] = {}
     tick = time.perf_counter()
     retain = with_protection(retain, forget, config.protect)
+    named = self_neighbours(model, tokenizer, forget, retain, config.relation_neighbours, config.seed,
+                            progress=config.progress)
+    retain += named
     variants = prompt_variants(forget, config.forget_variants, avoid=retain)
 
     layout = quantized_weights(model)
@@ -249,7 +266,7 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     certificate = editor.certify()
     timing["check"] = time.perf_counter() - tick
     return UnlearnResult("mansu", converged, rounds, editor.edited_count(), editor.total_params(), certificate,
-                         circuit, timing, _config_dict(config), reason, editor.circuit_params())
+                         circuit, timing, _config_dict(config), reason, editor.circuit_params(), named)
 
 
 def _retain_statistics(model, tokenizer, retain: Sequence[Item], mask, config: MansuConfig

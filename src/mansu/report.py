@@ -10,6 +10,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,10 +18,10 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .data import Item
-from .errors import MansuError, mansu_warnings
+from .errors import MansuError, MansuWarning, mansu_warnings
 from . import __version__
 from .files import WRITTEN_BY, atomic_write, read_json
-from .results import Result
+from .results import Result, to_jsonable
 
 
 def peak_rss_mb() -> float:
@@ -120,6 +121,8 @@ class RunReport(Result):
     stop_reason: str = ""  # why the method stopped (UnlearnResult.stop_reason): "converged", or why not
     rounds: list[dict[str, Any]] = field(default_factory=list)  # every round's record (UnlearnResult.rounds)
     warnings: list[str] = field(default_factory=list)  # the MansuWarnings the edit raised (also shown when raised)
+    named_neighbours: list[dict[str, Any]] = field(default_factory=list)  # the items `relation_neighbours` added to
+    # the retain set (UnlearnResult.named_neighbours)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "RunReport":
@@ -239,6 +242,7 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
     tick = time.perf_counter()
     with mansu_warnings() as raised:
         result = unlearn(model, tokenizer, forget, retain, config)
+        _warn_if_utility_named(result.named_neighbours, utility)
     unlearn_s = time.perf_counter() - tick
     peak_unlearn = peak_rss_mb()
     after = run_scores(model, tokenizer, sets, formats)
@@ -269,4 +273,15 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
         config=result.config, update_ratio_sample=nf4.ratio_sample.tolist(), converged=result.converged,
         n_utility=len(utility), utility_sets=utility_sets, relearn=attack.to_dict() if attack else None,
         stop_reason=result.stop_reason, rounds=result.rounds, warnings=raised,
+        named_neighbours=to_jsonable(result.named_neighbours),
     )
+
+
+def _warn_if_utility_named(named: Sequence[Item], utility: Sequence[Item]) -> None:
+    """Warn when the edit kept utility items itself (`relation_neighbours` named their subjects): the utility set
+    is then not untouched, and its score flatters the edit."""
+    asked = sorted({it.prompt.strip() for it in named} & {it.prompt.strip() for it in utility})
+    if asked:
+        warnings.warn(f"{len(asked)} utility item(s) are among the neighbours the model named for the retain set "
+                      f"(relation_neighbours), e.g. {asked[0]!r}: the edit kept them, so the utility set is not "
+                      "untouched; leave them out of it, or set relation_neighbours=0", MansuWarning, stacklevel=2)
