@@ -77,6 +77,12 @@ def test_self_neighbours_ask_the_relation_of_new_subjects_labelled_with_the_mode
     model = scripted(model, tokenizer, [" Chile,", " Spain,", " Norway,", " Iran,"])
     assert self_neighbours(model, tokenizer, FORGET, retain, 4, n_choices=3) == items
     assert self_neighbours(model, tokenizer, FORGET, retain, 0) == []
+    # a broken model is an error, not arbitrary labels
+    broken = scripted(make_tiny("llama", tokenizer), tokenizer, [" Chile,"])
+    with torch.no_grad():
+        broken.get_input_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(mansu.MansuError, match="non-finite log-likelihoods"):
+        self_neighbours(broken, tokenizer, FORGET, retain, 1)
     # nothing to name: the retain set stays as given, and the user is told why
     with pytest.warns(mansu.MansuWarning, match="share no relation template"):
         assert self_neighbours(model, tokenizer, FORGET[:1], retain, 4) == []

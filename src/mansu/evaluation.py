@@ -117,12 +117,10 @@ class EvalResult(Result):
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, tokenizer, items: Sequence[Item], batch_size: int = 32, progress: bool = True
-) -> EvalResult:
-    """Score every choice by its summed answer log-likelihood; an item is correct if its answer wins."""
-    if not items:
-        raise MansuError("cannot evaluate an empty item set")
+def choice_scores(model: torch.nn.Module, tokenizer, items: Sequence[Item], batch_size: int = 32,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """Every (prompt, choice) row's summed answer log-likelihood and answer length (on the CPU), `batch_size` rows a
+    forward, with each item's `choice_rows` group; raises on non-finite scores."""
     prompts, answers, groups = choice_rows(items)
     scores, lengths = [], []
     was_training = model.training
@@ -138,6 +136,16 @@ def evaluate(
     score, length = torch.cat(scores).cpu(), torch.cat(lengths)  # one transfer, after the loop
     if not torch.isfinite(score).all():
         raise MansuError("the model produced non-finite log-likelihoods (NaN/inf weights?)")
+    return score, length, groups
+
+
+def evaluate(
+    model: torch.nn.Module, tokenizer, items: Sequence[Item], batch_size: int = 32, progress: bool = True
+) -> EvalResult:
+    """Score every choice by its summed answer log-likelihood; an item is correct if its answer wins."""
+    if not items:
+        raise MansuError("cannot evaluate an empty item set")
+    score, length, groups = choice_scores(model, tokenizer, items, batch_size, progress)
 
     correct, true_probs, nlls = [], [], []
     for it, (first, k, answer_index) in zip(items, groups):

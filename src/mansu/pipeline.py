@@ -218,14 +218,14 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
         raise MansuError(f"config must be a MansuConfig or BaselineConfig, got {type(config).__name__}")
     timing: dict[str, float] = {}
     tick = time.perf_counter()
+    layout = quantized_weights(model)
+    require_loaded(model, layout)  # the quantized twin and the edit need every quantized weight in memory
+
     retain = with_protection(retain, forget, config.protect)
     named = self_neighbours(model, tokenizer, forget, retain, config.relation_neighbours, config.seed,
                             progress=config.progress)
     retain += named
     variants = prompt_variants(forget, config.forget_variants, avoid=retain)
-
-    layout = quantized_weights(model)
-    require_loaded(model, layout)  # the quantized twin and the edit need every quantized weight in memory
 
     # The retain attribution only penalises components: a sample of the retain set is enough for it.
     sample = random.Random(config.seed).sample(list(retain), min(config.attribution_retain, len(retain)))

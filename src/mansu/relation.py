@@ -18,9 +18,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Item, encode, relation_template
+from .data import Item, relation_template
 from .errors import MansuError, MansuWarning
-from .evaluation import answer_logprob
+from .evaluation import choice_scores
 from .models import input_device
 
 LIST_PROMPT = "A list of similar things: "
@@ -106,14 +106,10 @@ def self_neighbours(model: torch.nn.Module, tokenizer, forget: Sequence[Item], a
                       f"(or the forget set has fewer than two answers to label one with), so the retain set is as "
                       "given", MansuWarning, stacklevel=3)
         return []
+    # one prompt's pool at a time, POOL_ROWS rows a forward: a large forget set's pool is thousands of rows
     items = []
-    for prompt in prompts:  # one prompt's pool at a time: a large forget set's pool is thousands of rows
-        scores = torch.cat([answer_logprob(model, encode(tokenizer, [prompt] * len(part), list(part))).float().cpu()
-                            for part in _chunks(pool, POOL_ROWS)])
+    for prompt in prompts:
+        scores, _, _ = choice_scores(model, tokenizer, [Item(prompt, pool[0], pool)], POOL_ROWS)
         best = scores.argsort(descending=True)[:n_choices].tolist()
         items.append(Item(prompt, pool[best[0]], tuple(pool[i] for i in best)))
     return items
-
-
-def _chunks(values: Sequence[str], size: int) -> list[Sequence[str]]:
-    return [values[i:i + size] for i in range(0, len(values), size)]
