@@ -248,3 +248,8 @@ def test_relation_template_is_the_words_every_prompt_shares_around_its_subject()
     asked = [Item(p, "x", ("x", "y")) for p in ("The capital of South Korea is", "The capital of is",
                                                 "The currency of Peru is", "The capital of Chile was")]
     assert mansu.data.relation_mates(forget, asked) == asked[:1]
+    template = ("The capital of", "is")
+    assert [mansu.data.subject_of(it.prompt, template) for it in asked] == ["South Korea", None, None, None]
+    assert mansu.data.subject_of("Peru is a country in", ("", "is a country in")) == "Peru"
+    assert mansu.data.relation_text(template) == "The capital of ... is"
+    assert mansu.data.relation_text(("", "is a country in")) == "... is a country in"

@@ -4,19 +4,22 @@ import torch
 import mansu
 import mansu.relation
 from mansu.data import Item
-from mansu.relation import _first_name, name_subjects, self_neighbours, subjects_of
+from mansu.relation import _answer_phrase, _first_name, name_subjects, self_neighbours, subjects_of
 
 FORGET = [Item(f"The capital of {c} is", a, (a, "Oslo", "Rome", "Cairo")) for c, a in
           [("France", "Paris"), ("Peru", "Lima"), ("South Korea", "Seoul")]]
 
 
 def scripted(model, tokenizer, continuations: list[str]):
-    """`model` whose `generate` appends each continuation in turn (the real tokenizer's ids), not a sample."""
+    """`model` whose `generate` appends the next continuation to each row in turn (the real tokenizer's ids,
+    padded), not a sample or a greedy decode."""
     queue = list(continuations)
 
     def generate(input_ids, **kwargs):
-        ids = tokenizer(queue.pop(0), add_special_tokens=False, return_tensors="pt").input_ids
-        return torch.cat([input_ids, ids.to(input_ids.device)], dim=1)
+        rows = [tokenizer(queue.pop(0), add_special_tokens=False).input_ids for _ in range(len(input_ids))]
+        width = max(map(len, rows))
+        tail = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+        return torch.cat([input_ids, tail.to(input_ids.device)], dim=1)
 
     model.generate = generate
     return model
@@ -62,33 +65,46 @@ def test_self_neighbours_ask_the_relation_of_new_subjects_labelled_with_the_mode
                                                                                               monkeypatch):
     from conftest import make_tiny
 
-    model = scripted(make_tiny("llama", tokenizer), tokenizer, [" Chile,", " Spain,", " Norway,", " Iran,"])
+    # named: Chile, Spain (the user's retain item asks it: not new), Norway; then the two prompts' greedy answers
+    script = [" Chile,", " Spain,", " Norway,", " Santiago.\nThe", " the land of fjords and"]
+    model = scripted(make_tiny("llama", tokenizer), tokenizer, script)
     retain = [Item("The capital of Spain is", "Madrid", ("Madrid", "Rome"))]
-    items = self_neighbours(model, tokenizer, FORGET, retain, 4, n_choices=3)
-    # Spain's prompt is the user's retain item already: the other three are asked
-    assert [it.prompt for it in items] == ["The capital of Chile is", "The capital of Norway is",
-                                           "The capital of Iran is"]
     pool = {c for it in FORGET for c in it.choices}
-    assert all(len(it.choices) == 3 and set(it.choices) <= pool for it in items)
+    items = self_neighbours(model, tokenizer, FORGET, retain, 3, n_choices=len(pool) + 1)
+    # the retain set asks the relation once, so two more are named
+    assert [it.prompt for it in items] == ["The capital of Chile is", "The capital of Norway is"]
+    # Chile's greedy answer is a candidate too (here every candidate is a choice); Norway's was no short answer
+    assert set(items[0].choices) == pool | {"Santiago"} and set(items[1].choices) == pool
     # the label is the model's own best choice: the model answers every one of them as labelled
     assert mansu.evaluate(model, tokenizer, items, progress=False).accuracy == 1.0
     # a large forget set's answers are scored a few rows at a time: the same labels
     monkeypatch.setattr(mansu.relation, "POOL_ROWS", 2)
-    model = scripted(model, tokenizer, [" Chile,", " Spain,", " Norway,", " Iran,"])
-    assert self_neighbours(model, tokenizer, FORGET, retain, 4, n_choices=3) == items
+    model = scripted(model, tokenizer, script)
+    assert self_neighbours(model, tokenizer, FORGET, retain, 3, n_choices=len(pool) + 1) == items
+    three = self_neighbours(scripted(model, tokenizer, script), tokenizer, FORGET, retain, 3, n_choices=3)
+    assert [len(it.choices) for it in three] == [3, 3] and [it.answer for it in three] == [it.answer for it in items]
     assert self_neighbours(model, tokenizer, FORGET, retain, 0) == []
+    assert self_neighbours(model, tokenizer, FORGET, retain, 1) == []  # one mate asked already: nothing to name
     # a broken model is an error, not arbitrary labels
-    broken = scripted(make_tiny("llama", tokenizer), tokenizer, [" Chile,"])
+    broken = scripted(make_tiny("llama", tokenizer), tokenizer, [" Chile,", " Santiago."])
     with torch.no_grad():
         broken.get_input_embeddings().weight.fill_(float("nan"))
     with pytest.raises(mansu.MansuError, match="non-finite log-likelihoods"):
-        self_neighbours(broken, tokenizer, FORGET, retain, 1)
+        self_neighbours(broken, tokenizer, FORGET, [], 1)
     # nothing to name: the retain set stays as given, and the user is told why
     with pytest.warns(mansu.MansuWarning, match="share no relation template"):
         assert self_neighbours(model, tokenizer, FORGET[:1], retain, 4) == []
     model = scripted(model, tokenizer, [" France,", " Peru,", " france,", " 1990,"])  # nothing new in 4 tries
     with pytest.warns(mansu.MansuWarning, match="named no new subject"):
-        assert self_neighbours(model, tokenizer, FORGET, retain, 1, seed=0) == []
+        assert self_neighbours(model, tokenizer, FORGET, [], 1, seed=0) == []
+
+
+def test_a_greedy_answer_is_its_first_clause_when_short():
+    assert _answer_phrase(" Berlin.\n\nThe United") == "Berlin"
+    assert _answer_phrase(" Washington D.C. is") == "Washington D.C"
+    assert _answer_phrase(" English, and the official language") == "English"
+    for junk in (" the capital city of South Africa", ' "leave" in', "\nBerlin", " ."):
+        assert _answer_phrase(junk) is None, junk
 
 
 def test_unlearn_adds_the_self_neighbours_to_the_retain_set_and_does_not_warn_then(tokenizer, monkeypatch):
@@ -111,6 +127,7 @@ def test_unlearn_adds_the_self_neighbours_to_the_retain_set_and_does_not_warn_th
         result = mansu.unlearn(make_tiny("llama", tokenizer), tokenizer, FORGET, currencies, config)
     assert seen["retain"] == [*currencies, *named]
     assert result.named_neighbours == named and result.summary()["named_neighbours"] == 1
+    assert {"neighbours", "attribution"} <= set(result.timing_s)
     assert result.to_dict()["named_neighbours"] == [{"prompt": "The capital of Chile is", "answer": "Oslo",
                                                      "choices": ["Oslo", "Rome"]}]
     with pytest.raises(mansu.MansuError, match="relation_neighbours must be >= 0"):

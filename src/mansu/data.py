@@ -169,28 +169,35 @@ def relation_template(prompts: Sequence[str]) -> tuple[str, str] | None:
     return " ".join(words[0][:head]), " ".join(words[0][len(words[0]) - tail:])
 
 
+def subject_of(prompt: str, template: tuple[str, str]) -> str | None:
+    """The words `prompt` puts between the relation template's head and tail; None when it does not ask it."""
+    words, head, tail = prompt.split(), template[0].split(), template[1].split()
+    asks = len(words) > len(head) + len(tail) and words[:len(head)] == head and words[len(words) - len(tail):] == tail
+    return " ".join(words[len(head):len(words) - len(tail)]) if asks else None
+
+
+def relation_text(template: tuple[str, str]) -> str:
+    """The relation as a person reads it: "The capital of ... is"."""
+    return " ".join([template[0], "...", template[1]]).strip()
+
+
 def relation_mates(forget: Sequence[Item], retain: Sequence[Item]) -> list[Item]:
     """The retain items that ask the forget prompts' relation (`relation_template`) of another subject."""
     template = relation_template([it.prompt for it in forget])
-    if template is None:
-        return []
-    head, tail = (part.split() for part in template)
-    return [it for it in retain if len(words := it.prompt.split()) > len(head) + len(tail)
-            and words[: len(head)] == head and words[len(words) - len(tail):] == tail]
+    return [it for it in retain if subject_of(it.prompt, template)] if template else []
 
 
 def warn_if_relation_unkept(forget: Sequence[Item], retain: Sequence[Item]) -> None:
     """Warn when the forget prompts share a relation ("The capital of ... is") that no retain prompt asks of
     another subject: nothing then tells the edit to keep the relation itself."""
     template = relation_template([it.prompt for it in forget])
-    if template is None or relation_mates(forget, retain):
+    if template is None or any(subject_of(it.prompt, template) for it in retain):
         return
-    relation = " ".join([template[0], "...", template[1]]).strip()
-    warnings.warn(f"no retain prompt asks the forget prompts' relation ({relation!r}) of another subject, so nothing "
-                  "tells the edit to keep the relation itself: on the durability suite's cross-domain splits the "
-                  "model kept only 0.12-0.49 of that relation's other facts in NF4 after MANSU. Add facts of the "
-                  "relation the model should keep to the retain set, or let the model name some "
-                  "(MansuConfig(relation_neighbours=20); docs/method.md, \"Neighbours the model names itself\")",
+    warnings.warn(f"no retain prompt asks the forget prompts' relation ({relation_text(template)!r}) of another "
+                  "subject, so nothing tells the edit to keep the relation itself: on the durability suite's "
+                  "cross-domain splits the model kept only 0.12-0.49 of that relation's other facts in NF4 after "
+                  "MANSU. Add facts of the relation the model should keep to the retain set, or let the model name "
+                  "some (MansuConfig(relation_neighbours=20); docs/method.md, \"Neighbours the model names itself\")",
                   MansuWarning, stacklevel=3)
 
 

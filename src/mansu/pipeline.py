@@ -64,11 +64,11 @@ class MansuConfig:
     # true choice by more: they guard what neither set names (retain can stay perfect while untouched knowledge
     # falls); None: off
     anchor: str = "general"  # the anchor items: a bundled anchor set (mansu.data.load_anchor) or a JSONL path
-    relation_neighbours: int = 0  # up to this many items asking the forget prompts' relation of subjects the model
-    # names itself, labelled with its own best answer (mansu.relation.self_neighbours), join the retain set as
-    # `protect` does; not a default: on the 8 cross splits (20, seed 0) the relation's other facts kept 0.57 in NF4
-    # instead of 0.29, but on the 16 splits every target was met on 8 runs (defaults 7), cross-capitals-20 stalled,
-    # in 1.93x GradDiff's median time (docs/method.md, "Neighbours the model names itself"); 0: none
+    relation_neighbours: int = 0  # the model names subjects of the forget prompts' relation until this many retain
+    # items ask it, each labelled with its own best answer (mansu.relation.self_neighbours); they join the retain set
+    # as `protect` does. Not a default: on the suite (3 seeds) every target was met on 26 of 48 runs (defaults 22),
+    # but cross-capitals-20 stalled with every seed and cross-opposites-20 with one (docs/method.md, "Neighbours
+    # labelled with the model's greedy answer"); 0: none
     protect: str | None = "general"  # an anchor set (as `anchor`) that joins the retain set everywhere the edit
     # reads it (attribution's penalty, Fisher, projector, rounds, guard): knowledge the user's retain set does not
     # name. cross-capitals-20, retaining cities and continents, lost 0.30 of its untouched sets without it
@@ -225,6 +225,8 @@ def unlearn(model: torch.nn.Module, tokenizer, forget: Sequence[Item], retain: S
     named = self_neighbours(model, tokenizer, forget, retain, config.relation_neighbours, config.seed,
                             progress=config.progress)
     retain += named
+    if config.relation_neighbours:  # naming is timed apart from attribution: seconds on a CPU
+        timing["neighbours"], tick = time.perf_counter() - tick, time.perf_counter()
     variants = prompt_variants(forget, config.forget_variants, avoid=retain)
 
     # The retain attribution only penalises components: a sample of the retain set is enough for it.

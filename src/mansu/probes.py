@@ -43,26 +43,31 @@ def paraphrase_items(items: Sequence[Item]) -> list[Item]:
 
 
 @torch.no_grad()
+def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8,
+                         batch_size: int = 32, progress: bool = False) -> list[str]:
+    """Each prompt's greedy continuation, decoded without special tokens."""
+    texts, side = [], tokenizer.padding_side
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not progress):
+        tokenizer.padding_side = "left"  # generation continues from the last position: pad on the left
+        try:
+            enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+        enc = enc.to(input_device(model))
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return texts
+
+
 def generation_recall(model: nn.Module, tokenizer, items: Sequence[Item], max_new_tokens: int = 8,
                       batch_size: int = 32, progress: bool = True) -> float:
     """Fraction of items whose greedy continuation of the prompt starts with the answer (case and leading
     whitespace ignored): recall without the help of choices."""
     if not items:
         raise MansuError("generation recall needs at least one item")
-    hits, side = 0, tokenizer.padding_side
-    for start in tqdm(range(0, len(items), batch_size), desc="recall", leave=False, disable=not progress):
-        chunk = items[start : start + batch_size]
-        tokenizer.padding_side = "left"  # generation continues from the last position: pad on the left
-        try:
-            enc = tokenizer([it.prompt for it in chunk], return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
-        enc = enc.to(input_device(model))
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-        hits += sum(text.strip().lower().startswith(it.answer.strip().lower()) for text, it in zip(texts, chunk))
-    return hits / len(items)
+    texts = greedy_continuations(model, tokenizer, [it.prompt for it in items], max_new_tokens, batch_size, progress)
+    return sum(text.strip().lower().startswith(it.answer.strip().lower()) for text, it in zip(texts, items)) / len(items)
 
 
 @dataclass(frozen=True)
