@@ -94,6 +94,9 @@ def test_self_neighbours_ask_the_relation_of_new_subjects_labelled_with_the_mode
     # nothing to name: the retain set stays as given, and the user is told why
     with pytest.warns(mansu.MansuWarning, match="share no relation template"):
         assert self_neighbours(model, tokenizer, FORGET[:1], retain, 4) == []
+    one_answer = [Item(f"The capital of {c} is", "Paris") for c in ("France", "Peru")]
+    with pytest.warns(mansu.MansuWarning, match="fewer than two answers"):  # and no naming: the script is empty
+        assert self_neighbours(scripted(model, tokenizer, []), tokenizer, one_answer, [], 1) == []
     model = scripted(model, tokenizer, [" France,", " Peru,", " france,", " 1990,"])  # nothing new in 4 tries
     with pytest.warns(mansu.MansuWarning, match="named no new subject"):
         assert self_neighbours(model, tokenizer, FORGET, [], 1, seed=0) == []

@@ -91,6 +91,12 @@ def _answer_phrase(continuation: str) -> str | None:
     return phrase if phrase and len(phrase.split()) <= 4 else None
 
 
+def answer_pool(forget: Sequence[Item]) -> tuple[str, ...]:
+    """Every answer and choice of the forget set, once each: what a named subject's label is chosen among (with the
+    model's greedy answer)."""
+    return tuple(dict.fromkeys(c for it in forget for c in (it.choices or (it.answer,))))
+
+
 @torch.no_grad()
 def self_neighbours(model: torch.nn.Module, tokenizer, forget: Sequence[Item], avoid: Sequence[Item], n: int,
                     seed: int = 0, n_choices: int = 4, progress: bool = False) -> list[Item]:
@@ -110,11 +116,12 @@ def self_neighbours(model: torch.nn.Module, tokenizer, forget: Sequence[Item], a
     mates = [s for it in avoid if (s := subject_of(it.prompt, template))]
     if len(mates) >= n:  # the retain set asks the relation often enough already
         return []
+    pool = answer_pool(forget)
     taken = {it.prompt.strip() for it in [*forget, *avoid]}
+    # with fewer than two answers to label with, naming (dozens of sampled generations) would be work thrown away
     prompts = [p for s in name_subjects(model, tokenizer, [*shown, *mates], n - len(mates), seed, progress=progress)
-               if (p := " ".join(filter(None, (template[0], s, template[1])))) not in taken]
-    pool = tuple(dict.fromkeys(c for it in forget for c in (it.choices or (it.answer,))))
-    if not prompts or len(pool) < 2:
+               if (p := " ".join(filter(None, (template[0], s, template[1])))) not in taken] if len(pool) > 1 else []
+    if not prompts:
         warnings.warn(f"relation_neighbours: the model named no new subject of the relation "
                       f"{relation_text(template)!r} (or the forget set has fewer than two answers to label one "
                       "with), so the retain set is as given", MansuWarning, stacklevel=3)

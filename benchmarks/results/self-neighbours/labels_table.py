@@ -20,7 +20,7 @@ import durability  # noqa: E402
 import mansu  # noqa: E402
 from mansu.data import Item, load_bundled, with_protection  # noqa: E402
 from mansu.evaluation import choice_scores  # noqa: E402
-from mansu.relation import self_neighbours  # noqa: E402
+from mansu.relation import answer_pool, self_neighbours  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
             continue
         forget, retain = split.items()
         named = self_neighbours(model, tokenizer, forget, with_protection(retain, forget, "general"), 20, seed=0)
-        pool = tuple(dict.fromkeys(c for it in forget for c in (it.choices or (it.answer,))))
+        pool = answer_pool(forget)
         alone = []
         for it in named:  # the first version's label: the best of the forget set's answers and choices
             scores, _, _ = choice_scores(model, tokenizer, [Item(it.prompt, pool[0], pool)], 256)
