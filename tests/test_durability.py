@@ -111,6 +111,13 @@ def test_smoke_run_writes_runs_results_and_resumes(tmp_path):
     assert again.returncode == 0 and "0 runs to do" in again.stdout
 
 
+def test_the_report_says_when_two_workers_cannot_finish_the_suite_in_about_two_hours():
+    slow = durability.run_time(12.9 * 3600, 5.7 * 3600)
+    assert "12.9 h of run time" in slow and "5.7 h of it unlearning" in slow and "6.5 h" in slow
+    assert slow.endswith("about 2 hours (not met).")
+    assert durability.run_time(4 * 3600, 2 * 3600).endswith("2.0 h; issue #10 asks for about 2 hours.")
+
+
 def test_compare_shows_a_dash_for_what_a_run_did_not_measure(tmp_path):
     record = json.loads((durability.RUNS / "runs" / "same-languages-5.mansu.seed0.json").read_text())
     record["relearn"] = None  # a run without the relearning attack, on items without paraphrases

@@ -11,16 +11,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 import durability  # noqa: E402
 
 import mansu  # noqa: E402
-from mansu.data import Item, load_bundled, with_protection  # noqa: E402
+from mansu.data import Item, load_bundled  # noqa: E402
 from mansu.evaluation import choice_scores  # noqa: E402
-from mansu.relation import answer_pool, self_neighbours  # noqa: E402
+from mansu.relation import answer_pool  # noqa: E402
+from naming import named_for  # noqa: E402
 
 
 def main() -> None:
@@ -31,13 +30,13 @@ def main() -> None:
     for split in durability.suite():
         if not split.name.startswith("cross-"):
             continue
-        forget, retain = split.items()
-        named = self_neighbours(model, tokenizer, forget, with_protection(retain, forget, "general"), 20, seed=0)
+        forget, _ = split.items()
+        named = named_for(model, tokenizer, split, 20)
         pool = answer_pool(forget)
         alone = []
         for it in named:  # the first version's label: the best of the forget set's answers and choices
             scores, _, _ = choice_scores(model, tokenizer, [Item(it.prompt, pool[0], pool)], 256)
-            alone.append(pool[int(torch.argmax(scores))])
+            alone.append(pool[int(scores.argsort(descending=True)[0])])  # as self_neighbours ranks
         truth = {it.prompt: it.answer.lower() for it in load_bundled(split.domain)}
         asked = [(old, it) for old, it in zip(alone, named) if it.prompt in truth]
         print(f"| {split.name} | {len(named)} | {len(asked)} | "

@@ -18,8 +18,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 import durability  # noqa: E402
 
 import mansu  # noqa: E402
-from mansu.data import with_protection  # noqa: E402
-from mansu.relation import self_neighbours  # noqa: E402
+from naming import named_for  # noqa: E402
 
 DEFAULTS = HERE.parent / "durability" / "neighbours" / "mansu.jsonl"
 
@@ -42,9 +41,7 @@ def main() -> None:
     for path in sys.argv[1:]:
         for name, row in rows(Path(path)).items():
             n = row["overrides"]["relation_neighbours"]
-            forget, retain = splits[name].items()
-            named = {it.prompt for it in self_neighbours(model, tokenizer, forget, with_protection(retain, forget, "general"),
-                                                         n, seed=0)}
+            named = {it.prompt for it in named_for(model, tokenizer, splits[name], n)}
             correct = row["neighbours_correct_after"]
             inside = [p for p in correct if p in named]
             outside = [p for p in correct if p not in named]

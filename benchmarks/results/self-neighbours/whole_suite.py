@@ -1,9 +1,11 @@
-"""The whole suite with `relation_neighbours=20`: each cross-domain split's MANSU runs from FOLDER, each same-domain
-split's from the suite's defaults (benchmarks/results/durability). Those are the same runs: a same-domain split's
-retain set asks the forget relation at least 20 times (printed), so `self_neighbours` names nothing and returns
-before any draw.
+"""The whole suite with `relation_neighbours=20`: each cross-domain split's MANSU runs from CROSS, each same-domain
+split's from SAME (default: the suite's defaults, benchmarks/results/durability), set beside the defaults' runs.
+SAME's runs stand for runs with the option: a same-domain split's retain set asks the forget relation at least 20
+times (printed), so `self_neighbours` names nothing and returns before any draw. With `relearn_exam` too, SAME is
+the exam's own folder (benchmarks/results/relearn-exam/two-steps).
 
     python benchmarks/results/self-neighbours/whole_suite.py benchmarks/results/self-neighbours/labels
+    python benchmarks/results/self-neighbours/whole_suite.py benchmarks/results/combo benchmarks/results/relearn-exam/two-steps
 """
 from __future__ import annotations
 
@@ -31,29 +33,30 @@ def mansu_runs(folder: Path, prefix: str) -> dict[tuple[str, int], dict]:
 
 
 def main() -> None:
-    folder = Path(sys.argv[1])
+    cross_folder = Path(sys.argv[1])
+    same_folder = Path(sys.argv[2]) if len(sys.argv) > 2 else DEFAULTS
     records = map(mansu.files.read_json, (DEFAULTS / "runs").glob("*.json"))
     rows = [{"job": r["job"], **durability.metrics(r)} for r in records]
     lowest, graddiff = durability.lowest_baseline_recovery(rows), [r for r in rows if r["job"]["method"] == "graddiff"]
     defaults = mansu_runs(DEFAULTS, "")
-    named = mansu_runs(folder, "cross-")
-    for m in [*named.values(), *defaults.values()]:
+    option = mansu_runs(cross_folder, "cross-") | mansu_runs(same_folder, "same-")
+    for m in [*option.values(), *defaults.values()]:
         m["missed"] = durability.failures(m) + durability.relearn_failure(m, lowest)
     for split in durability.suite():
-        forget, retain = split.items()
-        mates = relation_mates(forget, with_protection(retain, forget, "general"))
         if not split.name.startswith("cross-"):
+            forget, retain = split.items()
+            mates = relation_mates(forget, with_protection(retain, forget, mansu.MansuConfig().protect))
             print(f"{split.name}: {len(mates)} retain items ask the forget relation, so nothing is named")
-    seeds = sorted({seed for _, seed in named})
+    name = f"{cross_folder.name} (same-domain runs from {same_folder.name})"
+    seeds = sorted({seed for split, seed in option if split.startswith("cross-")})
     for chosen in [[s] for s in seeds] + ([seeds] if len(seeds) > 1 else []):
-        whole = [named.get(key, m) for key, m in sorted(defaults.items()) if key[1] in chosen
-                 and (not key[0].startswith("cross-") or key in named)]
+        keys = [k for k in sorted(defaults) if k[1] in chosen and k in option]
+        whole = [option[k] for k in keys]
         cross = [m for m in whole if m["job"]["split"].startswith("cross-")]
-        for name, runs in (("relation_neighbours=20", whole), ("defaults", [defaults[m["job"]["split"], m["job"]["seed"]]
-                                                                            for m in whole])):
-            print(f"seeds {chosen}, {name}, the whole suite ({len(runs) - len(cross)} same-domain runs from the "
-                  f"defaults): {durability._summary(runs, graddiff)}")
-        print(f"seeds {chosen}, relation_neighbours=20, cross-domain alone: {durability._summary(cross, graddiff)}")
+        print(f"seeds {chosen}, {name}, the whole suite ({len(whole) - len(cross)} same-domain runs): "
+              f"{durability._summary(whole, graddiff)}")
+        print(f"seeds {chosen}, defaults, the same runs: {durability._summary([defaults[k] for k in keys], graddiff)}")
+        print(f"seeds {chosen}, {cross_folder.name}, cross-domain alone: {durability._summary(cross, graddiff)}")
 
 
 if __name__ == "__main__":
