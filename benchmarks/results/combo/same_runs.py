@@ -13,22 +13,19 @@ sys.path.insert(0, str(RESULTS.parent))
 import durability  # noqa: E402
 
 sys.path.insert(0, str(RESULTS / "self-neighbours"))
-from whole_suite import mansu_runs  # noqa: E402
-
-import mansu  # noqa: E402
+from whole_suite import mansu_runs, suite_rows  # noqa: E402
 
 FOLDERS = {"defaults": "durability", "relearn_exam": "relearn-exam/two-steps",
            "relation_neighbours": "self-neighbours/labels", "both": "combo"}
 
 
 def main() -> None:
-    records = map(mansu.files.read_json, (RESULTS / "durability" / "runs").glob("*.json"))
-    lowest = durability.lowest_baseline_recovery([{"job": r["job"], **durability.metrics(r)} for r in records])
-    runs = {name: mansu_runs(RESULTS / folder, "cross-") for name, folder in FOLDERS.items()}
+    lowest = durability.lowest_baseline_recovery(suite_rows())
+    runs = {name: mansu_runs(RESULTS / folder, "cross-", lowest) for name, folder in FOLDERS.items()}
     keys = sorted(runs["both"])
     for name, by_key in runs.items():
         ms = [by_key[k] for k in keys]
-        missed = [durability.failures(m) + durability.relearn_failure(m, lowest) for m in ms]
+        missed = [m["missed"] for m in ms]
         print(f"{name}: every target met on {sum(not x for x in missed)} of {len(ms)} cross runs, utility missed on "
               f"{sum(any(f.startswith('utility') for f in x) for x in missed)}, stalled {sum(not m['converged'] for m in ms)}")
 

@@ -22,26 +22,32 @@ from mansu.data import relation_mates, with_protection  # noqa: E402
 DEFAULTS = HERE.parent / "durability"
 
 
-def mansu_runs(folder: Path, prefix: str) -> dict[tuple[str, int], dict]:
-    """(split, seed) -> metrics of `folder`'s MANSU runs (no ablation) whose split starts with `prefix`."""
+def suite_rows() -> list[dict]:
+    """Metrics of every run of the suite's defaults (every method), each with its job."""
+    records = map(mansu.files.read_json, (DEFAULTS / "runs").glob("*.json"))
+    return [{"job": r["job"], **durability.metrics(r)} for r in records]
+
+
+def mansu_runs(folder: Path, prefix: str, lowest: dict[str, float]) -> dict[tuple[str, int], dict]:
+    """(split, seed) -> metrics of `folder`'s MANSU runs (no ablation) whose split starts with `prefix`, with the
+    targets each missed ("missed"; relearning against `lowest`, durability.lowest_baseline_recovery)."""
     out = {}
     for path in sorted((folder / "runs").glob(f"{prefix}*.mansu.seed*.json")):
         record = mansu.files.read_json(path)
         if not record["job"]["ablation"]:
-            out[record["job"]["split"], record["job"]["seed"]] = durability.metrics(record) | {"job": record["job"]}
+            m = durability.metrics(record) | {"job": record["job"]}
+            out[record["job"]["split"], record["job"]["seed"]] = m | {
+                "missed": durability.failures(m) + durability.relearn_failure(m, lowest)}
     return out
 
 
 def main() -> None:
     cross_folder = Path(sys.argv[1])
     same_folder = Path(sys.argv[2]) if len(sys.argv) > 2 else DEFAULTS
-    records = map(mansu.files.read_json, (DEFAULTS / "runs").glob("*.json"))
-    rows = [{"job": r["job"], **durability.metrics(r)} for r in records]
+    rows = suite_rows()
     lowest, graddiff = durability.lowest_baseline_recovery(rows), [r for r in rows if r["job"]["method"] == "graddiff"]
-    defaults = mansu_runs(DEFAULTS, "")
-    option = mansu_runs(cross_folder, "cross-") | mansu_runs(same_folder, "same-")
-    for m in [*option.values(), *defaults.values()]:
-        m["missed"] = durability.failures(m) + durability.relearn_failure(m, lowest)
+    defaults = mansu_runs(DEFAULTS, "", lowest)
+    option = mansu_runs(cross_folder, "cross-", lowest) | mansu_runs(same_folder, "same-", lowest)
     for split in durability.suite():
         if not split.name.startswith("cross-"):
             forget, retain = split.items()
