@@ -3,10 +3,12 @@ import pytest
 import torch
 
 import mansu
+import mansu.quant
 from mansu.data import Item
 from mansu.data import encode_items
 from mansu.methods import retain_loss
-from mansu.probes import fact_halves, generation_recall, paraphrase_items, relearn_attack, sign_attacked
+from mansu.probes import (fact_halves, generation_recall, held_accuracies, paraphrase_items, relearn_attack,
+                          sign_attacked)
 
 from conftest import make_tiny
 
@@ -59,6 +61,29 @@ def test_relearn_attack_trains_a_copy_and_scores_the_other_half(tokenizer, capit
     assert "full_after" in repr(result) and result.to_dict()["train_nll"] == list(result.train_nll)
     with pytest.raises(mansu.MansuError, match="at least 2 forget facts"):
         relearn_attack(model, tokenizer, capitals[:1])
+
+
+def test_relearn_attack_reads_before_from_the_callers_scores_without_quantizing_again(tokenizer, capitals,
+                                                                                      monkeypatch):
+    model = make_tiny("llama", tokenizer)
+    items = [*capitals[:5], Item("Its answer alone is", "x")]  # an item without choices: no flag of its own
+    measured = relearn_attack(model, tokenizer, items, formats=("nf4", "q8_0"), steps=2, lr=1e-3)
+    known = {"full": mansu.evaluate(model, tokenizer, items, progress=False).correct,
+             **{f: mansu.evaluate(mansu.quantized_copy(model, f), tokenizer, items, progress=False).correct
+                for f in ("nf4", "q8_0")}}
+    copies = []
+    real_copy = mansu.quant.quantized_copy
+    monkeypatch.setattr(mansu.quant, "quantized_copy", lambda m, fmt: copies.append(fmt) or real_copy(m, fmt))
+    read = relearn_attack(model, tokenizer, items, formats=("nf4", "q8_0"), steps=2, lr=1e-3, known=known)
+    assert read.before == measured.before and read.after == measured.after
+    assert copies == ["nf4", "q8_0"]  # the attacked copy's alone: "before" made none
+    _, held = fact_halves(items)
+    flipped = {k: [not c for c in v] for k, v in known.items()}
+    assert held_accuracies(items, held, flipped, ["full"])["full"] == pytest.approx(1 - measured.before["full"])
+    with pytest.raises(mansu.MansuError, match="no scores of \\['int8'\\]"):
+        held_accuracies(items, held, known, ["full", "int8"])
+    with pytest.raises(mansu.MansuError, match="2 flags for 5 items"):
+        held_accuracies(items, held, {"full": [True, False]}, ["full"])
 
 
 def test_a_sign_attack_steps_every_parameter_by_eps_down_the_answers_nll(tokenizer, capitals):

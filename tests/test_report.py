@@ -25,7 +25,7 @@ def tiny_dir(tmp_path, tokenizer):
     return str(mansu.save_model(make_tiny("llama", tokenizer), tokenizer, tmp_path / "tiny"))
 
 
-def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tiny_dir):
+def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tiny_dir, capsys):
     forget, retain = write_items(tmp_path / "f.jsonl", FACTS[:2]), write_items(tmp_path / "r.jsonl", FACTS[2:])
     out, saved = tmp_path / "report.json", tmp_path / "edited"
     assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", retain, "--method", "graddiff",
@@ -36,11 +36,19 @@ def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tin
             assert {"forget_acc", "retain_acc", "utility_acc", "generation_recall"} <= set(report[when][fmt])
             assert report[when][fmt]["paraphrase_acc"] is None  # these items carry no paraphrases
         # other formats score the forget set only: forgetting must hold in each
-        assert set(report[when]["q4_0"]) == {"forget_acc", "forget_true_prob"}
+        assert set(report[when]["q4_0"]) == {"forget_acc", "forget_true_prob", "forget_correct"}
+        for scores in report[when].values():  # per forget item, whether its answer won: the accuracy's terms
+            assert len(scores["forget_correct"]) == 2
+            assert scores["forget_acc"] == sum(scores["forget_correct"]) / 2
+    assert "score: " in capsys.readouterr().err  # a bar over the scoring, which takes minutes on a CPU
     # the default utility: bundled sets sharing no prompt with forget and retain (capitals does)
     assert "capitals" not in report["utility_sets"] and {"elements", "languages"} <= set(report["utility_sets"])
     assert report["n_utility"] == sum(min(40, len(mansu.load_bundled(n))) for n in report["utility_sets"])
     assert report["relearn"]["n_train"] == 1 and set(report["relearn"]["after"]) == {"full", "nf4", "q4_0"}
+    items = mansu.load_items(forget)
+    _, (held,) = mansu.probes.fact_halves(items)
+    for fmt, accuracy in report["relearn"]["before"].items():  # read from the scores after the edit
+        assert accuracy == report["after"][fmt]["forget_correct"][items.index(held)]
     assert report["warnings"] == []  # the retain set asks the forgotten relation of other countries
     utility = write_items(tmp_path / "u.jsonl", FACTS[2:3])
     assert main(["run", "--model", tiny_dir, "--forget", forget, "--retain", retain, "--utility", utility,

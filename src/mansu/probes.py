@@ -12,7 +12,7 @@ import copy
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -130,6 +130,24 @@ def fact_halves(items: Sequence[Item], seed: int = 0) -> tuple[list[Item], list[
     return [it for g in groups[:half] for it in g], [it for g in groups[half:] for it in g]
 
 
+def held_accuracies(items: Sequence[Item], held: Sequence[Item], known: Mapping[str, Sequence[bool]],
+                    readings: Sequence[str]) -> dict[str, float | None]:
+    """Per reading, the accuracy on `held` (some of `items`) read from `known`, each reading's `EvalResult.correct`
+    on `items` (one flag per item with choices); None where no held item has choices, as `evaluate` says."""
+    missing = [r for r in readings if r not in known]
+    if missing:
+        raise MansuError(f"`known` has no scores of {missing}; it has {sorted(known)}")
+    asked = [it for it in items if it.choices]
+    held_ids = {id(it) for it in held}
+    out: dict[str, float | None] = {}
+    for reading in readings:
+        if len(known[reading]) != len(asked):
+            raise MansuError(f"`known[{reading!r}]` has {len(known[reading])} flags for {len(asked)} items with choices")
+        flags = [flag for it, flag in zip(asked, known[reading]) if id(it) in held_ids]
+        out[reading] = sum(flags) / len(flags) if flags else None
+    return out
+
+
 def sign_attacked(model: nn.Module, batch: Batch, eps: float, steps: int = 1) -> nn.Module:
     """A copy of `model` after `steps` signed steps of size `eps` down the answer NLL of `batch` (its gradient read
     again before each), on every parameter: Adam's first updates are about lr * sign(gradient), so this is a cheap
@@ -157,12 +175,15 @@ def sign_attacked(model: nn.Module, batch: Batch, eps: float, steps: int = 1) ->
 
 
 def relearn_attack(model: nn.Module, tokenizer, forget: Sequence[Item], formats: Sequence[str] = ("nf4",),
-                   steps: int = 10, lr: float = 1e-5, seed: int = 0, progress: bool = True) -> RelearnResult:
+                   steps: int = 10, lr: float = 1e-5, seed: int = 0, progress: bool = True,
+                   known: Mapping[str, Sequence[bool]] | None = None) -> RelearnResult:
     """Fine-tune a copy of `model` (AdamW, `steps` steps on the answers' NLL) on half of `forget`'s facts, chosen
     under `seed` (which also seeds dropout), and score the other half before and after, in full precision and
     each format. Items with the same answer and choices (one fact in several wordings, as
     `train_on_paraphrases` makes) stay on one side: scoring a wording of a fact the attack trained on would
-    count it as relearned. `model` itself, and the caller's global RNG, are left as they were."""
+    count it as relearned. `known`: per reading ('full' and each format), `model`'s `EvalResult.correct` on
+    `forget`, when the caller has scored it: the "before" accuracies are read from it, not from quantized copies
+    made again. `model` itself, and the caller's global RNG, are left as they were."""
     if steps < 1 or not lr > 0:
         raise MansuError(f"relearning needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
     train, held = fact_halves(forget, seed)
@@ -170,7 +191,7 @@ def relearn_attack(model: nn.Module, tokenizer, forget: Sequence[Item], formats:
     def accuracies(m: nn.Module) -> dict[str, float]:
         return {name: evaluate(q, tokenizer, held, progress=False).accuracy for name, q in variants(m, formats)}
 
-    before = accuracies(model)
+    before = accuracies(model) if known is None else held_accuracies(forget, held, known, ["full", *formats])
     attacked = copy.deepcopy(model)
     batch = encode_items(tokenizer, train)
     optimizer = torch.optim.AdamW(attacked.parameters(), lr=lr, weight_decay=0.0)

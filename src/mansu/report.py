@@ -61,35 +61,55 @@ def default_utility(forget: Sequence[Item], retain: Sequence[Item], per_set: int
 
 
 def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Sequence[str],
-               probes: bool = True, forget_only: Sequence[str] = ()) -> dict[str, dict[str, float | None]]:
-    """{'full'|format: {<set>_acc, <set>_true_prob} for each named set (forget, retain, utility), and with
-    `probes` the forget set's paraphrase accuracy (None without paraphrases) and generation recall}. The
+               probes: bool = True, forget_only: Sequence[str] = (), progress: bool = False
+               ) -> dict[str, dict[str, float | None]]:
+    """{'full'|format: {<set>_acc, <set>_true_prob} for each named set (forget, retain, utility), forget_correct
+    (per forget item with choices, whether its answer won), and with `probes` the forget set's paraphrase accuracy
+    (None without paraphrases) and generation recall}. The
     formats in `forget_only` score the forget set alone (forgetting must hold in each; utility is watched
-    where the targets are stated, full precision and the deployed format)."""
+    where the targets are stated, full precision and the deployed format). `progress`: one bar over the
+    readings' sets and probes (a default utility set takes minutes on a CPU)."""
+    from tqdm.auto import tqdm
+
     from .evaluation import evaluate
     from .probes import generation_recall, paraphrase_items, variants
 
     paraphrased = paraphrase_items(sets["forget"])
+
+    def scored_sets(fmt: str) -> list[str]:
+        if fmt in forget_only:
+            return ["forget"]
+        return [*sets, *(["paraphrase", "generation"] if probes else [])]
+
     out: dict[str, dict[str, float | None]] = {}
-    for fmt, scored in variants(model, formats):  # one quantized copy serves every set
-        out[fmt] = {}
-        for name, items in sets.items():
-            if fmt in forget_only and name != "forget":
-                continue
-            result = evaluate(scored, tokenizer, items, progress=False)
-            out[fmt] |= {f"{name}_acc": result.accuracy, f"{name}_true_prob": result.true_prob}
-        if probes and fmt not in forget_only:
-            out[fmt]["paraphrase_acc"] = (evaluate(scored, tokenizer, paraphrased, progress=False).accuracy
-                                          if paraphrased else None)
-            out[fmt]["generation_recall"] = generation_recall(scored, tokenizer, sets["forget"], progress=False)
+    bar = tqdm(total=sum(len(scored_sets(f)) for f in ["full", *formats]), desc="score", leave=False,
+               disable=not progress)
+    with bar:
+        for fmt, scored in variants(model, formats):  # one quantized copy serves every set
+            out[fmt] = {}
+            for name in scored_sets(fmt):
+                bar.set_postfix_str(f"{fmt} {name}")
+                if name == "paraphrase":
+                    out[fmt]["paraphrase_acc"] = (evaluate(scored, tokenizer, paraphrased, progress=False).accuracy
+                                                  if paraphrased else None)
+                elif name == "generation":
+                    out[fmt]["generation_recall"] = generation_recall(scored, tokenizer, sets["forget"],
+                                                                      progress=False)
+                else:
+                    result = evaluate(scored, tokenizer, sets[name], progress=False)
+                    out[fmt] |= {f"{name}_acc": result.accuracy, f"{name}_true_prob": result.true_prob}
+                    if name == "forget":  # which facts this reading still knows (the relearning attack's "before")
+                        out[fmt]["forget_correct"] = result.correct
+                bar.update()
     return out
 
 
-def run_scores(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Sequence[str]
+def run_scores(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Sequence[str], progress: bool = False
                ) -> dict[str, dict[str, float | None]]:
     """What `run` measures before and after the edit: every set and probe in full precision and NF4 (where
     the targets are stated), the forget set alone in each other format."""
-    return accuracies(model, tokenizer, sets, formats, forget_only=[f for f in formats if f != "nf4"])
+    return accuracies(model, tokenizer, sets, formats, forget_only=[f for f in formats if f != "nf4"],
+                      progress=progress)
 
 
 @dataclass(repr=False)
@@ -101,8 +121,8 @@ class RunReport(Result):
     n_forget: int
     n_retain: int
     formats: list[str]
-    before: dict[str, dict[str, float]]
-    after: dict[str, dict[str, float]]
+    before: dict[str, dict[str, Any]]  # per reading ('full', each format): `accuracies`' scores
+    after: dict[str, dict[str, Any]]
     ptq_gap: dict[str, float]
     permanence: dict[str, dict[str, Any]]
     cad: float | None
@@ -203,7 +223,7 @@ def plot_update_ratios(reports: Sequence[RunReport], path: str | os.PathLike) ->
 def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config, model_name: str = "",
         formats: Sequence[str] = ("nf4",), save: str | os.PathLike | None = None,
         utility: Sequence[Item] | None = None, relearn: bool = False,
-        before: dict[str, dict[str, float | None]] | None = None) -> RunReport:
+        before: dict[str, dict[str, Any]] | None = None) -> RunReport:
     """Evaluate, unlearn (in place), evaluate again, check permanence and CAD: one method's report.
     `utility`: items the edit never sees (default: the bundled sets unrelated to forget and retain);
     `relearn`: also run `mansu.probes.relearn_attack` on the edited model; `before`: the unedited model's
@@ -230,7 +250,7 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
         check_disjoint(utility=utility, protection=load_anchor(config.protect, forget))
     sets = {"forget": forget, "retain": retain} | ({"utility": utility} if utility else {})
     if before is None:
-        before = run_scores(model, tokenizer, sets, formats)
+        before = run_scores(model, tokenizer, sets, formats, config.progress)
     elif set(before) != {"full", *formats}:
         raise MansuError(f"`before` scores {sorted(before)}, but this run needs {sorted(['full', *formats])}")
     # CAD needs the original model's forget circuit. MANSU finds it as its first (timed) step; for the
@@ -245,8 +265,9 @@ def run(model, tokenizer, forget: Sequence[Item], retain: Sequence[Item], config
         _warn_if_utility_named(result.named_neighbours, utility)
     unlearn_s = time.perf_counter() - tick
     peak_unlearn = peak_rss_mb()
-    after = run_scores(model, tokenizer, sets, formats)
-    attack = relearn_attack(model, tokenizer, forget, formats, progress=config.progress) if relearn else None
+    after = run_scores(model, tokenizer, sets, formats, config.progress)
+    attack = relearn_attack(model, tokenizer, forget, formats, progress=config.progress,
+                            known={f: after[f]["forget_correct"] for f in after}) if relearn else None
     certificate = check(original, model, formats)
     del original
     # CAD needs the forget circuit of the original model; baselines have none, so it is attributed here

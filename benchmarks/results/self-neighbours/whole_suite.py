@@ -37,7 +37,7 @@ def mansu_runs(folder: Path, prefix: str, lowest: dict[str, float]) -> dict[tupl
         if not record["job"]["ablation"]:
             m = durability.metrics(record) | {"job": record["job"]}
             out[record["job"]["split"], record["job"]["seed"]] = m | {
-                "missed": durability.failures(m) + durability.relearn_failure(m, lowest)}
+                "missed": durability.missed(m, lowest)}
     return out
 
 
