@@ -7,7 +7,6 @@ in one process. Prints the times, their ratios, and whether the two agree.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -16,6 +15,8 @@ import torch
 import mansu
 from mansu import evaluation
 from mansu.models import input_device
+
+from side_by_side import setup  # benchmarks/, the script's own folder
 
 KEPT = evaluation._logprob
 
@@ -30,13 +31,7 @@ def every_position(model: torch.nn.Module, batch: mansu.data.Batch) -> torch.Ten
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = mansu.load_model()
+    args, model, tokenizer = setup(__doc__, repeats=3)
     items = mansu.load_bundled("capitals") + mansu.load_bundled("cities")
     batch = mansu.data.encode_items(tokenizer, items[:32])
     weight = model.get_submodule("model.layers.3.mlp.down_proj").weight

@@ -7,7 +7,6 @@ format, what `mansu run --relearn` did before) against reading it from per-item 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -16,17 +15,13 @@ import torch
 import mansu
 from mansu.report import accuracies
 
+from side_by_side import setup  # benchmarks/, the script's own folder
+
 FORMATS = ("nf4", "nf4-dq", "fp4", "int8", "q4_0", "q8_0")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = mansu.load_model()
+    args, model, tokenizer = setup(__doc__, repeats=2)
     forget = mansu.load_bundled("capitals")[:10]
     scores = accuracies(model, tokenizer, {"forget": forget}, FORMATS, probes=False)  # what `run` scores anyway
     known = {reading: s["forget_correct"] for reading, s in scores.items()}

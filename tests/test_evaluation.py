@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import mansu
-from mansu.data import Item, encode
-from mansu.evaluation import answer_logprob, encode_choices, encode_forget, fact_logprob
+from mansu.data import Item, encode, pad_rows, split_tokens
+from mansu.evaluation import (_cache_argument, _shared_prompt_logprob, answer_logprob, choice_scores, encode_choices,
+                              encode_forget, fact_logprob)
 
 
 def test_answer_logprob_matches_manual_sum_and_ignores_padding(tiny_model):
@@ -82,6 +83,40 @@ def test_rows_of_similar_length_run_apart_with_the_same_values_and_gradients(tin
 ])
 def test_length_groups_minimise_padded_tokens_and_forwards(lengths, cost, expected):
     assert mansu.data.length_groups(lengths, cost) == expected
+
+
+def test_choices_continue_their_prompts_cache_with_the_scores_of_whole_rows(tiny_model):
+    """Each distinct prompt runs once; the rows continuing it (answers of one or several tokens, prompts of other
+    lengths padded beside it) score what a forward over each whole row scores (the model in float64; both read
+    log-probabilities in float32)."""
+    from mansu.hooks import forward_hooks
+
+    model, tok = copy.deepcopy(tiny_model[0]).double(), tiny_model[1]
+    texts = [("The capital of France is", " Paris"), ("The capital of France is", " a very long answer indeed"),
+             ("A", " b"), ("The capital of France is", " Lyon"), ("A", " longer one"), ("Q: Say?\nA:", " yes")]
+    rows = [split_tokens(tok, prompt, answer) for prompt, answer in texts]
+    rows.append((rows[0][0][:3] + rows[0][0][4:], 3))  # a prompt that is the first one's tokens cut short
+    seen = []
+    with forward_hooks([(model.get_input_embeddings(), lambda module, args: seen.append(tuple(args[0].shape)))],
+                       pre=True):
+        shared = _shared_prompt_logprob(model, rows, tok.pad_token_id, _cache_argument(type(model)))
+    whole = answer_logprob(model, pad_rows(rows, tok.pad_token_id), by_length=False)
+    assert torch.allclose(shared, whole, atol=1e-5, rtol=0)
+    assert seen[0][0] == 4  # four distinct prompts, each run once; then the answers longer than a token
+    assert seen[1][0] == sum(len(row) - first > 1 for row, first in rows) > 1 and len(seen) == 2
+    one_token = [row for row in rows if len(row[0]) - row[1] == 1]
+    assert torch.allclose(_shared_prompt_logprob(model, one_token, tok.pad_token_id, _cache_argument(type(model))),
+                          answer_logprob(model, pad_rows(one_token, tok.pad_token_id), by_length=False), atol=1e-5)
+
+
+def test_a_model_without_a_cache_argument_scores_whole_rows_alike(tiny_model):
+    model, tok = tiny_model
+    items = [Item("Hello", "world", ("world", "there", "friend")), Item("One two", "three", ("three", "four")),
+             Item("Say", "yes")]
+    cached, lengths, groups = choice_scores(model, tok, items, batch_size=4)
+    plain, plain_lengths, _ = choice_scores(PlainForward(model), tok, items, batch_size=4)
+    assert torch.allclose(cached, plain, atol=1e-4) and torch.equal(lengths, plain_lengths)
+    assert groups == [(0, 3, 0), (3, 2, 0), (5, 1, 0)]
 
 
 def test_evaluate_picks_the_highest_likelihood_choice(tiny_model):

@@ -385,19 +385,32 @@ def split_tokens(tokenizer, prompt: str, continued: str) -> tuple[list[int], int
 
 def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
     """Tokenise each prompt with its continuation (`split_tokens`) and pad on the right."""
-    rows, starts = [], []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        row, start = split_tokens(tokenizer, prompt, continuation(prompt, answer))
-        rows.append(row)
-        starts.append(start)
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target_mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)
-    for b, (row, start) in enumerate(zip(rows, starts)):
-        input_ids[b, : len(row)] = torch.tensor(row)
-        attention_mask[b, : len(row)] = 1
+    rows = [split_tokens(tokenizer, prompt, continuation(prompt, answer))
+            for prompt, answer in zip(prompts, answers, strict=True)]
+    return pad_rows(rows, pad_id(tokenizer))
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding is written with (masked out everywhere it is read)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def pad_tokens(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists right-padded with `pad` into one [B, T] tensor, and its attention mask."""
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[b, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def pad_rows(rows: Sequence[tuple[list[int], int]], pad: int) -> Batch:
+    """A `Batch` of `split_tokens` rows (token ids, index of the first answer token)."""
+    input_ids, attention_mask = pad_tokens([row for row, _ in rows], pad)
+    target_mask = torch.zeros((len(rows), input_ids.shape[1] - 1), dtype=torch.bool)
+    for b, (row, start) in enumerate(rows):
         target_mask[b, start - 1 : len(row) - 1] = True  # logits at t predict token t+1
     return Batch(input_ids, attention_mask, target_mask)
 

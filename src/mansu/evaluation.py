@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Batch, Item, encode, encode_items, length_groups
+from .data import (Batch, Item, continuation, encode, encode_items, length_groups, pad_id, pad_rows, pad_tokens,
+                   split_tokens)
 from .errors import MansuError
 from .models import input_device
 from .results import Result
@@ -120,23 +121,77 @@ class EvalResult(Result):
 def choice_scores(model: torch.nn.Module, tokenizer, items: Sequence[Item], batch_size: int = 32,
                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
     """Every (prompt, choice) row's summed answer log-likelihood and answer length (on the CPU), `batch_size` rows a
-    forward, with each item's `choice_rows` group; raises on non-finite scores."""
+    forward, with each item's `choice_rows` group; raises on non-finite scores. Rows run in order of prompt length
+    (an item's choices side by side), each distinct prompt once where the model takes a cache (`_cache_argument`)."""
     prompts, answers, groups = choice_rows(items)
-    scores, lengths = [], []
+    rows = [split_tokens(tokenizer, p, continuation(p, a)) for p, a in zip(prompts, answers, strict=True)]
+    order = sorted(range(len(rows)), key=lambda r: (rows[r][1], r))
+    cache_argument = _cache_argument(type(model))
+    scores = []
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="evaluate", leave=False, disable=not progress):
-            rows = slice(start, start + batch_size)
-            batch = encode(tokenizer, prompts[rows], answers[rows])
-            scores.append(answer_logprob(model, batch))
-            lengths.append(batch.target_mask.sum(-1))
+        for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", leave=False, disable=not progress):
+            chunk = [rows[r] for r in order[start : start + batch_size]]
+            scores.append(answer_logprob(model, pad_rows(chunk, pad_id(tokenizer))) if cache_argument is None
+                          else _shared_prompt_logprob(model, chunk, pad_id(tokenizer), cache_argument))
     finally:
         model.train(was_training)
-    score, length = torch.cat(scores).cpu(), torch.cat(lengths)  # one transfer, after the loop
+    score = torch.empty(len(rows))
+    score[torch.tensor(order)] = torch.cat(scores).cpu()  # one transfer, after the loop
     if not torch.isfinite(score).all():
         raise MansuError("the model produced non-finite log-likelihoods (NaN/inf weights?)")
-    return score, length, groups
+    return score, torch.tensor([len(row) - first for row, first in rows]), groups
+
+
+@functools.cache
+def _cache_argument(model_type: type) -> str | None:
+    """The keyword a model's forward takes a KV cache by ("cache" from transformers 5.x, "past_key_values" before),
+    or None where it cannot continue rows from a shared prompt's cache (no cache, or no explicit positions)."""
+    parameters = inspect.signature(model_type.forward).parameters
+    if "position_ids" not in parameters:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _shared_prompt_logprob(model: torch.nn.Module, rows: Sequence[tuple[list[int], int]], pad: int,
+                           cache_argument: str) -> torch.Tensor:
+    """`answer_logprob` of `split_tokens` rows, each distinct prompt run once: its last position scores every
+    row's first answer token, and its cache carries the rows whose answers run longer. A multiple-choice item's k
+    choices then cost one prompt, not k: about 80% of an evaluation's tokens are prompt tokens (bundled sets;
+    `python benchmarks/bench_shared_prompts.py`, docs/method.md)."""
+    shared: dict[tuple[int, ...], int] = {}
+    owner = torch.tensor([shared.setdefault(tuple(row[:first]), len(shared)) for row, first in rows])
+    prompt_ids, prompt_mask = pad_tokens(list(shared), pad)
+    lengths = prompt_mask.sum(1)
+    device = input_device(model)
+    # Only each prompt's last position is projected onto the vocabulary (as in `_logprob`).
+    last = torch.unique(lengths - 1)
+    keep = {"logits_to_keep": last.to(device)} if _keeps_logits(type(model)) else {}
+    out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), use_cache=True, **keep)
+    logits = out.logits if keep else out.logits[:, last.to(out.logits.device)]
+    at_last = logits[torch.arange(len(shared)), torch.searchsorted(last, lengths - 1).to(logits.device)]
+    first_tokens = torch.tensor([row[first] for row, first in rows], device=logits.device)
+    scores = torch.log_softmax(at_last.float(), dim=-1)[owner.to(logits.device), first_tokens]
+    longer = [b for b, (row, first) in enumerate(rows) if len(row) - first > 1]
+    if not longer:
+        return scores
+    # The rest of each longer answer continues its prompt's cache, one row per answer: positions carry on from
+    # the prompt's own length (its padding is masked, not counted).
+    cache = getattr(out, cache_argument)
+    if cache is None:
+        raise MansuError(f"{type(model).__name__} returned no cache to continue the prompts from (use_cache=True)")
+    rows_prompt = owner[longer]
+    cache.reorder_cache(rows_prompt.to(device))
+    fed, fed_mask = pad_tokens([rows[b][0][rows[b][1] : -1] for b in longer], pad)
+    targets, _ = pad_tokens([rows[b][0][rows[b][1] + 1 :] for b in longer], pad)
+    positions = lengths[rows_prompt, None] + torch.arange(fed.shape[1])
+    attention_mask = torch.cat([prompt_mask[rows_prompt], fed_mask], dim=1)
+    logits = model(input_ids=fed.to(device), attention_mask=attention_mask.to(device),
+                   position_ids=positions.to(device), use_cache=False, **{cache_argument: cache}).logits
+    token_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(logits.device)[..., None]).squeeze(-1)
+    rest = (token_lp * fed_mask.to(token_lp.device)).sum(-1)
+    return scores.index_add(0, torch.tensor(longer, device=scores.device), rest)
 
 
 def evaluate(
