@@ -1,4 +1,5 @@
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,6 +108,21 @@ def test_choices_continue_their_prompts_cache_with_the_scores_of_whole_rows(tiny
     one_token = [row for row in rows if len(row[0]) - row[1] == 1]
     assert torch.allclose(_shared_prompt_logprob(model, one_token, tok.pad_token_id, _cache_argument(type(model))),
                           answer_logprob(model, pad_rows(one_token, tok.pad_token_id), by_length=False), atol=1e-5)
+
+
+class NoCacheReturned(PlainForward):
+    """A causal LM that takes a cache argument and positions but returns no cache (as some remote code does)."""
+
+    def forward(self, input_ids, attention_mask, position_ids=None, cache=None, use_cache=None):
+        return SimpleNamespace(logits=self.inner(input_ids=input_ids, attention_mask=attention_mask).logits, cache=None)
+
+
+def test_answers_longer_than_a_token_run_whole_when_the_model_returns_no_cache(tiny_model):
+    model, tok = tiny_model
+    rows = [split_tokens(tok, "The capital of France is", " a very long answer"), split_tokens(tok, "A", " b"),
+            split_tokens(tok, "The capital of France is", " Paris")]
+    shared = _shared_prompt_logprob(NoCacheReturned(model), rows, tok.pad_token_id, "cache")
+    assert torch.allclose(shared, answer_logprob(model, pad_rows(rows, tok.pad_token_id)), atol=1e-5)
 
 
 def test_a_model_without_a_cache_argument_scores_whole_rows_alike(tiny_model):

@@ -158,7 +158,7 @@ def _shared_prompt_logprob(model: torch.nn.Module, rows: Sequence[tuple[list[int
                            cache_argument: str) -> torch.Tensor:
     """`answer_logprob` of `split_tokens` rows, each distinct prompt run once: its last position scores every
     row's first answer token, and its cache carries the rows whose answers run longer. A multiple-choice item's k
-    choices then cost one prompt, not k: about 80% of an evaluation's tokens are prompt tokens (bundled sets;
+    choices then cost one prompt, not k: most of an evaluation's tokens are prompt tokens (82-91% on bundled sets;
     `python benchmarks/bench_shared_prompts.py`, docs/method.md)."""
     shared: dict[tuple[int, ...], int] = {}
     owner = torch.tensor([shared.setdefault(tuple(row[:first]), len(shared)) for row, first in rows])
@@ -178,9 +178,10 @@ def _shared_prompt_logprob(model: torch.nn.Module, rows: Sequence[tuple[list[int
         return scores
     # The rest of each longer answer continues its prompt's cache, one row per answer: positions carry on from
     # the prompt's own length (its padding is masked, not counted).
-    cache = getattr(out, cache_argument)
-    if cache is None:
-        raise MansuError(f"{type(model).__name__} returned no cache to continue the prompts from (use_cache=True)")
+    cache = getattr(out, cache_argument, None)
+    if not hasattr(cache, "reorder_cache"):  # no cache returned, or legacy tuples (remote code): these run whole
+        whole = answer_logprob(model, pad_rows([rows[b] for b in longer], pad))
+        return scores.index_copy(0, torch.tensor(longer, device=scores.device), whole.to(scores.device))
     rows_prompt = owner[longer]
     cache.reorder_cache(rows_prompt.to(device))
     fed, fed_mask = pad_tokens([rows[b][0][rows[b][1] : -1] for b in longer], pad)
