@@ -14,7 +14,8 @@ from conftest import DEVICES, make_tiny
 from mansu.attribution import ablated, interpolated, mean_activations
 from mansu.components import Component, find_components
 from mansu.data import Item, encode_items
-from mansu.evaluation import answer_logprob, encode_forget, fact_logprob
+from mansu.data import pad_rows, split_tokens
+from mansu.evaluation import _cache_argument, _shared_prompt_logprob, answer_logprob, encode_forget, fact_logprob
 from mansu.floor import floor_update
 from mansu.quant import check, quantized_layout, quantized_weights
 from test_pipeline import FORGET, RETAIN, small_config
@@ -155,6 +156,19 @@ def test_dispatched_model_runs_where_accelerate_put_it(device, tokenizer, tmp_pa
     edited = dict(model.named_parameters())
     for name in quantized_weights(plain):
         assert torch.equal(edited[name], dict(plain.named_parameters())[name]), name  # the same edit
+
+
+@pytest.mark.parametrize("device", RUN)  # not meta: transformers reads a padded mask's values (.item()) there
+def test_choices_continue_their_prompts_cache_on_the_device(tokenizer, device):
+    """The shared-prompt scores run where the model is and equal whole rows' scores there."""
+    model = make_tiny("llama", tokenizer).to(device)
+    texts = [("The capital of France is", " Paris"), ("The capital of France is", " a long answer here"),
+             ("A", " b c d")]
+    rows = [split_tokens(tokenizer, prompt, answer) for prompt, answer in texts]
+    shared = _shared_prompt_logprob(model, rows, tokenizer.pad_token_id, _cache_argument(type(model)))
+    assert shared.device.type == torch.device(device).type
+    whole = answer_logprob(model, pad_rows(rows, tokenizer.pad_token_id), by_length=False)
+    assert torch.allclose(shared, whole, atol=1e-4)
 
 
 def test_offloaded_weights_are_refused_for_editing(tokenizer, tmp_path):
