@@ -62,13 +62,13 @@ def default_utility(forget: Sequence[Item], retain: Sequence[Item], per_set: int
 
 def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Sequence[str],
                probes: bool = True, forget_only: Sequence[str] = (), progress: bool = False
-               ) -> dict[str, dict[str, float | None]]:
+               ) -> dict[str, dict[str, Any]]:
     """{'full'|format: {<set>_acc, <set>_true_prob} for each named set (forget, retain, utility), forget_correct
     (per forget item with choices, whether its answer won), and with `probes` the forget set's paraphrase accuracy
-    (None without paraphrases) and generation recall}. The
-    formats in `forget_only` score the forget set alone (forgetting must hold in each; utility is watched
-    where the targets are stated, full precision and the deployed format). `progress`: one bar over the
-    readings' sets and probes (a default utility set takes minutes on a CPU)."""
+    (None without paraphrases) and generation recall}. The formats in `forget_only` score the forget set alone
+    (forgetting must hold in each; utility is watched where the targets are stated, full precision and the
+    deployed format). `progress`: one bar over the readings' sets and probes (a default utility set takes
+    minutes on a CPU)."""
     from tqdm.auto import tqdm
 
     from .evaluation import evaluate
@@ -81,7 +81,7 @@ def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Se
             return ["forget"]
         return [*sets, *(["paraphrase", "generation"] if probes else [])]
 
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=sum(len(scored_sets(f)) for f in ["full", *formats]), desc="score", leave=False,
                disable=not progress)
     with bar:
@@ -105,7 +105,7 @@ def accuracies(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Se
 
 
 def run_scores(model, tokenizer, sets: Mapping[str, Sequence[Item]], formats: Sequence[str], progress: bool = False
-               ) -> dict[str, dict[str, float | None]]:
+               ) -> dict[str, dict[str, Any]]:
     """What `run` measures before and after the edit: every set and probe in full precision and NF4 (where
     the targets are stated), the forget set alone in each other format."""
     return accuracies(model, tokenizer, sets, formats, forget_only=[f for f in formats if f != "nf4"],
