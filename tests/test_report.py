@@ -45,6 +45,12 @@ def test_run_writes_the_report_the_issue_asks_for_and_check_agrees(tmp_path, tin
     assert "capitals" not in report["utility_sets"] and {"elements", "languages"} <= set(report["utility_sets"])
     assert report["n_utility"] == sum(min(40, len(mansu.load_bundled(n))) for n in report["utility_sets"])
     assert report["relearn"]["n_train"] == 1 and set(report["relearn"]["after"]) == {"full", "nf4", "q4_0"}
+    summary = RunReport.from_json(out).summary()  # the probes in the short form, where measured
+    assert summary["relearned_full"] == report["relearn"]["after"]["full"] - report["relearn"]["before"]["full"]
+    assert "paraphrase_full" not in summary  # these items carry no paraphrases
+    worded = mansu.files.read_json(out)
+    worded["after"]["nf4"]["paraphrase_acc"] = 0.25
+    assert RunReport(**worded).summary()["paraphrase_nf4"] == 0.25 and "paraphrase_nf4" in repr(RunReport(**worded))
     items = mansu.load_items(forget)
     _, (held,) = mansu.probes.fact_halves(items)
     for fmt, accuracy in report["relearn"]["before"].items():  # read from the scores after the edit

@@ -157,6 +157,12 @@ class RunReport(Result):
         if fmt in self.after:
             out |= {f"forget_{fmt}": self.after[fmt]["forget_acc"], f"utility_{fmt}": self.after[fmt].get("utility_acc"),
                     f"ptq_gap_{fmt}": self.ptq_gap[fmt], "flip_fraction": self.permanence[fmt]["fraction"]}
+        # The probes beyond the exact prompt, where the run measured them: they fail more often than forgetting does
+        for reading in ("full", fmt):
+            if self.after.get(reading, {}).get("paraphrase_acc") is not None:
+                out[f"paraphrase_{reading}"] = self.after[reading]["paraphrase_acc"]
+        if self.relearn is not None and self.relearn["before"].get("full") is not None:
+            out["relearned_full"] = self.relearn["after"]["full"] - self.relearn["before"]["full"]
         return out | {"cad": self.cad, "cad_nf4": self.cad_nf4, "unlearn_s": self.timing_s.get("unlearn")}
 
 
