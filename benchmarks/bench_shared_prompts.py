@@ -4,10 +4,12 @@ item order, 32 a forward (what it did before), alternating in one process on the
 utility set of the demo split (forget 10 capitals), and the cities' paraphrases. Prints the share of prompt tokens,
 the times, their ratio, the largest difference of a row's score, and whether every item's verdict agrees.
 
-    python benchmarks/bench_shared_prompts.py [--repeats 2] [--threads 0]
+    python benchmarks/bench_shared_prompts.py [--repeats 2] [--threads 0] [--device cuda] [--dtype bfloat16]
+                                              [--size 8B]   # random weights of that shape: time alone
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -19,7 +21,8 @@ from mansu.evaluation import answer_logprob, choice_rows, choice_scores
 from mansu.probes import paraphrase_items
 from mansu.report import default_utility
 
-from side_by_side import setup  # benchmarks/, the script's own folder
+import scale  # benchmarks/, the script's own folder
+from side_by_side import setup
 
 
 @torch.no_grad()
@@ -37,11 +40,18 @@ def verdicts(scores: torch.Tensor, items: list) -> list[bool]:
 
 
 def main() -> None:
-    args, model, tokenizer = setup(__doc__, repeats=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=tuple(scale.SIZES), help="time a Llama of this shape with random weights "
+                        "instead (on a GPU, say: 1B, 8B); its verdicts mean nothing")
+    args, model, tokenizer = setup(__doc__, repeats=2, parser=parser)
+    if args.size:
+        model = scale.build(scale.SIZES[args.size], getattr(torch, args.dtype), args.device)
+        model.resize_token_embeddings(len(tokenizer))  # the embedded tokenizer's ids index it
     forget, retain = mansu.split(mansu.load_bundled("capitals"), 10, seed=0)
     sets = {"utility": default_utility(forget, retain)[0],
             "paraphrases": paraphrase_items(mansu.load_bundled("cities"))}
-    print(f"threads {torch.get_num_threads()}, median of {args.repeats}")
+    print(f"{args.size or 'embedded model'} on {args.device} in {args.dtype}, threads {torch.get_num_threads()}, "
+          f"median of {args.repeats}")
     for name, items in sets.items():
         times: dict[str, list[float]] = {"whole": [], "shared": []}
         for _ in range(args.repeats):
