@@ -45,7 +45,7 @@ def main() -> None:
                         "instead (on a GPU, say: 1B, 8B); its verdicts mean nothing")
     args, model, tokenizer = setup(__doc__, repeats=2, parser=parser)
     if args.size:
-        model = scale.build(scale.SIZES[args.size], getattr(torch, args.dtype), args.device)
+        model = scale.build(scale.SIZES[args.size], model.dtype, args.device)
         model.resize_token_embeddings(len(tokenizer))  # the embedded tokenizer's ids index it
     forget, retain = mansu.split(mansu.load_bundled("capitals"), 10, seed=0)
     sets = {"utility": default_utility(forget, retain)[0],

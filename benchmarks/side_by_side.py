@@ -1,4 +1,5 @@
-"""What the side-by-side timing scripts share: their command line (--repeats, --threads) and the embedded model."""
+"""What the side-by-side timing scripts share: their command line (--repeats, --threads, --device, --dtype) and
+the embedded model."""
 from __future__ import annotations
 
 import argparse

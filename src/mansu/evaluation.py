@@ -126,15 +126,15 @@ def choice_scores(model: torch.nn.Module, tokenizer, items: Sequence[Item], batc
     prompts, answers, groups = choice_rows(items)
     rows = [split_tokens(tokenizer, p, continuation(p, a)) for p, a in zip(prompts, answers, strict=True)]
     order = sorted(range(len(rows)), key=lambda r: (rows[r][1], r))
-    cache_argument = _cache_argument(type(model))
+    cache_argument, pad = _cache_argument(type(model)), pad_id(tokenizer)
     scores = []
     was_training = model.training
     model.eval()
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", leave=False, disable=not progress):
             chunk = [rows[r] for r in order[start : start + batch_size]]
-            scores.append(answer_logprob(model, pad_rows(chunk, pad_id(tokenizer))) if cache_argument is None
-                          else _shared_prompt_logprob(model, chunk, pad_id(tokenizer), cache_argument))
+            scores.append(answer_logprob(model, pad_rows(chunk, pad)) if cache_argument is None
+                          else _shared_prompt_logprob(model, chunk, pad, cache_argument))
     finally:
         model.train(was_training)
     score = torch.empty(len(rows))
